@@ -1,0 +1,87 @@
+"""Tensor names and shapes of a bundle, derived from its manifest: the contract between training and serving.
+
+Adapter weights use the `x @ weight` convention, so they copy straight into the serving slot pool:
+
+    adapter.{layer}.{point}.down.weight  [d, m]     adapter.{layer}.{point}.down.bias  [m]
+    adapter.{layer}.{point}.up.weight    [m, d]     adapter.{layer}.{point}.up.bias    [d]
+    adapter.{layer}.{point}.norm.weight  [d]        adapter.{layer}.{point}.norm.bias  [d]   (train_layernorm only)
+
+Heads (`C` = `Manifest.output_size()`):
+
+    head.dense.weight [d, d]   head.dense.bias [d]     (sequence-level heads with hidden_layer)
+    head.out.weight   [C, d]   head.out.bias   [C]
+"""
+
+from __future__ import annotations
+
+from service.bundles.manifest import HeadType, Manifest
+
+Shape = tuple[int, ...]
+
+
+def adapter_key(layer: int, point: str, part: str) -> str:
+    """e.g. adapter_key(3, "ffn", "down.weight") -> "adapter.3.ffn.down.weight"."""
+    return f"adapter.{layer}.{point}.{part}"
+
+
+def adapter_shapes(manifest: Manifest) -> dict[str, Shape]:
+    cfg = manifest.adapter
+    if cfg is None:
+        return {}
+    d, m = manifest.backbone.hidden_size, cfg.bottleneck
+    shapes: dict[str, Shape] = {}
+    for layer in range(manifest.backbone.num_layers):
+        for point in cfg.points:
+            shapes[adapter_key(layer, point, "down.weight")] = (d, m)
+            shapes[adapter_key(layer, point, "down.bias")] = (m,)
+            shapes[adapter_key(layer, point, "up.weight")] = (m, d)
+            shapes[adapter_key(layer, point, "up.bias")] = (d,)
+            if cfg.train_layernorm:
+                shapes[adapter_key(layer, point, "norm.weight")] = (d,)
+                shapes[adapter_key(layer, point, "norm.bias")] = (d,)
+    return shapes
+
+
+def head_shapes(manifest: Manifest) -> dict[str, Shape]:
+    d, c = manifest.backbone.hidden_size, manifest.output_size()
+    shapes: dict[str, Shape] = {}
+    if manifest.head_type.is_sequence_level and manifest.head.hidden_layer:
+        shapes["head.dense.weight"] = (d, d)
+        shapes["head.dense.bias"] = (d,)
+    shapes["head.out.weight"] = (c, d)
+    shapes["head.out.bias"] = (c,)
+    return shapes
+
+
+def expected_shapes(manifest: Manifest) -> dict[str, Shape]:
+    """Every tensor a bundle with this manifest must hold, and nothing else."""
+    return {**adapter_shapes(manifest), **head_shapes(manifest)}
+
+
+def adapter_parameter_count(hidden: int, bottleneck: int) -> int:
+    """Parameters of one adapter `d -> m -> d`: 2md + d + m (Houlsby et al. 2019, section 2.1)."""
+    return 2 * bottleneck * hidden + hidden + bottleneck
+
+
+def label_problem(manifest: Manifest) -> str | None:
+    """Why the label list does not fit the head type, or None when it does."""
+    labels, head = manifest.labels, manifest.head_type
+    if len(set(labels)) != len(labels):
+        return "label names must be unique"
+    if any(not isinstance(x, str) or not x.strip() for x in labels):
+        return "label names must be non-empty strings"
+    if head is HeadType.CLASSIFICATION and len(labels) < 2:
+        return "a classification head needs at least 2 labels"
+    if head is HeadType.MULTILABEL and len(labels) < 1:
+        return "a multilabel head needs at least 1 label"
+    if head is HeadType.REGRESSION and len(labels) > 1:
+        return "a regression head has one output; give at most 1 label (its name)"
+    if head is HeadType.QA and labels:
+        return "a qa head has no labels"
+    if head is HeadType.TOKEN_CLASSIFICATION:
+        if "O" not in labels:
+            return "token-classification labels are BIO tags and must include 'O'"
+        bad = [x for x in labels if x != "O" and not (x[:2] in ("B-", "I-") and len(x) > 2)]
+        if bad:
+            return f"token-classification labels must be 'O', 'B-<type>' or 'I-<type>'; got {bad[:3]}"
+    return None

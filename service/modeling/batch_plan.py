@@ -1,0 +1,70 @@
+"""Batch planning, as pure functions: which rows go together and in what order.
+
+`plan_batch` sorts one batch's rows by slot so that every task is one contiguous segment (LoRAX
+`segments.py`); `pack_batches` cuts a queue of rows into batches under a row and padded-token budget,
+grouping rows of similar length to limit padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, stop) of a sorted batch all use `slot`."""
+
+    slot: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    order: tuple[int, ...]  # order[i] = index (in the caller's list) of the row placed at position i
+    segments: tuple[Segment, ...]
+
+    def inverse(self) -> tuple[int, ...]:
+        """inverse[j] = position in the sorted batch of the caller's row j."""
+        inv = [0] * len(self.order)
+        for pos, row in enumerate(self.order):
+            inv[row] = pos
+        return tuple(inv)
+
+
+def plan_batch(row_slots: Sequence[int]) -> BatchPlan:
+    """Stable sort of rows by slot, and the segment boundaries of the sorted batch."""
+    order = tuple(sorted(range(len(row_slots)), key=lambda i: row_slots[i]))
+    segments: list[Segment] = []
+    for pos, row in enumerate(order):
+        slot = row_slots[row]
+        if segments and segments[-1].slot == slot:
+            last = segments[-1]
+            segments[-1] = Segment(slot, last.start, pos + 1)
+        else:
+            segments.append(Segment(slot, pos, pos + 1))
+    return BatchPlan(order, tuple(segments))
+
+
+def pack_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Cut rows (by their token lengths) into batches of at most `max_rows` rows and `max_tokens` padded
+    tokens (rows x longest row). Rows are grouped by length; a row longer than `max_tokens` goes alone.
+    Batches come back in the order of their earliest row, so the oldest waiting row goes first.
+    """
+    if max_rows < 1 or max_tokens < 1:
+        raise ValueError("max_rows and max_tokens must be >= 1")
+    by_length = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in by_length:
+        new_longest = max(longest, lengths[i])
+        if current and (len(current) + 1 > max_rows or (len(current) + 1) * new_longest > max_tokens):
+            batches.append(current)
+            current, new_longest = [], lengths[i]
+        current.append(i)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return sorted(batches, key=min)

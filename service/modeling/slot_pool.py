@@ -1,0 +1,338 @@
+"""Serving-side adapters: a preallocated slot pool and the routed layers that read it.
+
+Every resident task owns one slot index. Each insertion point `p` (layer x {attn, ffn}) keeps its
+weights for all slots in preallocated tensors, so loading a task is a copy into a free slot and the hot
+path never allocates parameters. Layers only ever see slot indices; which task sits in which slot is the
+cache's business (`service.runtime.cache`).
+
+A forward is routed: the caller sorts rows by slot (`batch_plan.plan_batch`), opens `pool.route(routing)`
+and runs the backbone once; each routed layer then applies, per row, the adapter of that row's slot.
+Slot 0 is "no adapter": its weights stay zero, so rows routed there see the plain backbone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.bundles.layout import adapter_key
+from service.bundles.manifest import INSERTION_POINTS, Activation, AdapterConfig
+from service.modeling.backbone import ArchSpec, get_submodule, set_submodule
+from service.modeling.batch_plan import Segment
+from service.modeling.bottleneck import ACTIVATIONS
+
+Strategy = Literal["segment", "gather"]
+NO_ADAPTER = 0
+_ADAPTER_PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
+_PARTS = {False: _ADAPTER_PARTS, True: (*_ADAPTER_PARTS, "norm.weight", "norm.bias")}
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """What occupies a slot: enough to apply it without looking at the task."""
+
+    bottleneck: int
+    activation: Activation
+    points: frozenset[str]
+    has_norm: bool
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Per-forward routing: rows are already sorted so that each segment is one slot."""
+
+    segments: tuple[Segment, ...]
+    row_slots: torch.Tensor  # [B] long, on the pool's device: slot of each (sorted) row
+    specs: dict[int, SlotSpec]  # slot -> spec, for the slots in this batch (slot 0 absent)
+    strategy: Strategy
+    token_index: torch.Tensor | None = None  # [N] long: real (unpadded) tokens in the flattened [B*T] batch
+    token_slots: torch.Tensor | None = None  # [N] long: slot of each real token (with token_index)
+    packed_bounds: tuple[tuple[int, int], ...] = ()  # per segment: its tokens' range in token_index
+
+    @property
+    def any_adapter(self) -> bool:
+        return bool(self.specs)
+
+    @property
+    def any_norm(self) -> bool:
+        return any(s.has_norm for s in self.specs.values())
+
+
+class SlotPool:
+    """Adapter weights of every resident task, per insertion point, indexed by slot.
+
+    P = layers x 2 insertion points, S = slots (+1 for slot 0), d = hidden, m = bottleneck capacity (the
+    widest resident bottleneck; narrower tasks are zero-padded, which is exact). Pfeiffer tasks leave their
+    attention points at zero. Norm slots hold the backbone's own LayerNorm unless a task trains its own.
+    """
+
+    def __init__(
+        self, num_layers: int, hidden: int, num_slots: int, *, device: torch.device, dtype: torch.dtype,
+        base_norms: Sequence[tuple[torch.Tensor, torch.Tensor]], bottleneck_capacity: int = 64,
+    ):
+        if num_slots < 1:
+            raise ValueError("the pool needs at least one slot besides the no-adapter slot")
+        self.num_layers, self.hidden, self.device, self.dtype = num_layers, hidden, device, dtype
+        self.num_slots = num_slots + 1  # slot 0 = no adapter
+        P, S, d, m = num_layers * len(INSERTION_POINTS), self.num_slots, hidden, bottleneck_capacity
+        zeros = dict(device=device, dtype=dtype)
+        self.down_w = torch.zeros(P, S, d, m, **zeros)  # [P, S, d, m]
+        self.down_b = torch.zeros(P, S, m, **zeros)  # [P, S, m]
+        self.up_w = torch.zeros(P, S, m, d, **zeros)  # [P, S, m, d]
+        self.up_b = torch.zeros(P, S, d, **zeros)  # [P, S, d]
+        self._base_norm_w = torch.stack([w.detach().to(**zeros) for w, _ in base_norms])  # [P, d]
+        self._base_norm_b = torch.stack([b.detach().to(**zeros) for _, b in base_norms])  # [P, d]
+        self.norm_w = self._base_norm_w[:, None, :].repeat(1, S, 1).contiguous()  # [P, S, d]
+        self.norm_b = self._base_norm_b[:, None, :].repeat(1, S, 1).contiguous()  # [P, S, d]
+        self.specs: dict[int, SlotSpec] = {}
+        # slot -> per point p: (down_w [d,m], down_b [m], up_w [m,d], up_b [d], activation) views, or None
+        # where the slot has no adapter. Built at write time so the hot path does no tensor indexing.
+        self._views: dict[int, list[tuple | None]] = {}
+        self.lock = threading.RLock()  # held by a routed forward; a capacity growth waits for it
+        self._write_lock = threading.Lock()  # serialises slot writes
+        self._local = threading.local()
+
+    @staticmethod
+    def point_index(layer: int, point: str) -> int:
+        return layer * len(INSERTION_POINTS) + INSERTION_POINTS.index(point)
+
+    @property
+    def bottleneck_capacity(self) -> int:
+        return self.down_w.shape[-1]
+
+    def slot_bytes(self) -> int:
+        """Device bytes one slot takes in the pool."""
+        per = self.down_w[:, 0].numel() + self.down_b[:, 0].numel() + self.up_w[:, 0].numel()
+        per += self.up_b[:, 0].numel() + self.norm_w[:, 0].numel() + self.norm_b[:, 0].numel()
+        return per * self.down_w.element_size()
+
+    # --- writes (cache loads and evictions) ---------------------------------------------------
+
+    def write(self, slot: int, cfg: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy one task's adapter tensors (bundle layout names) into `slot`.
+
+        The slot is free, so no in-flight row reads it and the copy needs no forward-exclusion; only a
+        capacity growth (which replaces the pool tensors) waits for the running forward to finish.
+        """
+        if not 0 < slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range 1..{self.num_slots - 1}")
+        with self._write_lock:
+            if cfg.bottleneck > self.bottleneck_capacity:
+                with self.lock:
+                    self._grow(cfg.bottleneck)
+            self._zero(slot)
+            m = cfg.bottleneck
+            for layer in range(self.num_layers):
+                for point in cfg.points:
+                    p = self.point_index(layer, point)
+                    t = {part: tensors[adapter_key(layer, point, part)] for part in _PARTS[cfg.train_layernorm]}
+                    self.down_w[p, slot, :, :m].copy_(t["down.weight"])
+                    self.down_b[p, slot, :m].copy_(t["down.bias"])
+                    self.up_w[p, slot, :m, :].copy_(t["up.weight"])
+                    self.up_b[p, slot].copy_(t["up.bias"])
+                    if cfg.train_layernorm:
+                        self.norm_w[p, slot].copy_(t["norm.weight"])
+                        self.norm_b[p, slot].copy_(t["norm.bias"])
+            spec = SlotSpec(m, cfg.activation, frozenset(cfg.points), cfg.train_layernorm)
+            self._views[slot] = self._slot_views(slot, spec)
+            self.specs[slot] = spec
+
+    def forget(self, slot: int) -> None:
+        """Mark `slot` free of any adapter (its stale weights are zeroed by the next `write`)."""
+        self.specs.pop(slot, None)
+        self._views.pop(slot, None)
+
+    def _slot_views(self, slot: int, spec: SlotSpec) -> list[tuple | None]:
+        act, m = ACTIVATIONS[spec.activation], spec.bottleneck
+        views: list[tuple | None] = []
+        for p in range(self.down_w.shape[0]):
+            if INSERTION_POINTS[p % len(INSERTION_POINTS)] not in spec.points:
+                views.append(None)
+                continue
+            views.append((self.down_w[p, slot, :, :m], self.down_b[p, slot, :m], self.up_w[p, slot, :m, :],
+                          self.up_b[p, slot], act))
+        return views
+
+    def _zero(self, slot: int) -> None:
+        for t in (self.down_w, self.down_b, self.up_w, self.up_b):
+            t[:, slot].zero_()
+        self.norm_w[:, slot].copy_(self._base_norm_w)
+        self.norm_b[:, slot].copy_(self._base_norm_b)
+
+    def _grow(self, bottleneck: int) -> None:
+        """Widen the bottleneck capacity (rare: a task with a larger m than any before). Zero-padding is exact:
+        extra down columns give act(0) = 0, which meets zero up rows."""
+        extra = bottleneck - self.bottleneck_capacity
+        self.down_w = F.pad(self.down_w, (0, extra))
+        self.down_b = F.pad(self.down_b, (0, extra))
+        self.up_w = F.pad(self.up_w, (0, 0, 0, extra))
+        self._views = {slot: self._slot_views(slot, spec) for slot, spec in self.specs.items()}
+
+    # --- routing -------------------------------------------------------------------------------
+
+    def routing(
+        self, segments: Sequence[Segment], strategy: Strategy, lengths: Sequence[int] | None = None,
+        pack_below: float = 0.9,
+    ) -> Routing:
+        """Routing for rows already sorted by slot (see `batch_plan.plan_batch`).
+
+        With the rows' token `lengths`, the segment strategy computes adapters on real tokens only when
+        padding exceeds `1 - pack_below` of the batch (pad positions never reach a real token: attention
+        masks them out)."""
+        specs = {s.slot: spec for s in segments if (spec := self.specs.get(s.slot)) is not None}
+        row_slots = torch.tensor(
+            [s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long, device=self.device
+        )
+        token_index, token_slots, bounds = None, None, ()
+        if strategy == "segment" and lengths and specs:
+            T = max(lengths)
+            if sum(lengths) < pack_below * T * len(lengths):
+                token_index = torch.cat([torch.arange(i * T, i * T + n) for i, n in enumerate(lengths)])
+                token_index = token_index.to(self.device)
+                ends = torch.tensor(lengths).cumsum(0).tolist()
+                bounds = tuple((ends[s.start - 1] if s.start else 0, ends[s.stop - 1]) for s in segments)
+                token_slots = row_slots.repeat_interleave(torch.tensor(lengths, device=self.device))
+        return Routing(tuple(segments), row_slots, specs, strategy, token_index, token_slots, bounds)
+
+    @contextlib.contextmanager
+    def route(self, routing: Routing) -> Iterator[None]:
+        """Route the forwards this thread runs inside the block; holds the pool lock throughout."""
+        with self.lock:
+            self._local.routing = routing
+            try:
+                yield
+            finally:
+                self._local.routing = None
+
+    def current(self) -> Routing | None:
+        return getattr(self._local, "routing", None)
+
+    # --- the maths -----------------------------------------------------------------------------
+
+    def apply_adapters(self, p: int, point: str, h: torch.Tensor, r: Routing) -> torch.Tensor:
+        """h [B, T, d] (output of the projection, rows sorted by slot) -> h + adapter(h), per row's slot."""
+        if r.strategy == "gather":
+            return self._apply_gather(p, h, r)
+        B, T, d = h.shape
+        h2 = h.view(-1, d)
+        x = h2 if r.token_index is None else h2.index_select(0, r.token_index)  # [N, d]
+        todo = []
+        for i, seg in enumerate(r.segments):
+            views = self._views.get(seg.slot)
+            v = views[p] if views is not None else None
+            if v is not None:
+                a, b = r.packed_bounds[i] if r.token_index is not None else (seg.start * T, seg.stop * T)
+                todo.append((a, b, v))
+        if not todo:
+            return h
+        if len(todo) == 1 or len({v[4] for _, _, v in todo}) > 1:  # one task, or several activations
+            for a, b, (down_w, down_b, up_w, up_b, act) in todo:
+                xs = x[a:b]
+                xs.addmm_(act(torch.addmm(down_b, xs, down_w)), up_w).add_(up_b)
+        else:  # several tasks, one activation: a single activation call and one bias add for all of them
+            z = torch.empty(x.shape[0], self.bottleneck_capacity, device=x.device, dtype=x.dtype)
+            for a, b, (down_w, down_b, _, _, _) in todo:
+                torch.addmm(down_b, x[a:b], down_w, out=z[a:b, : down_w.shape[1]])
+            z = todo[0][2][4](z)  # rows outside `todo` hold garbage and are never read
+            for a, b, (down_w, _, up_w, _, _) in todo:
+                x[a:b].addmm_(z[a:b, : down_w.shape[1]], up_w)
+            if r.token_slots is not None:  # up biases of slots without this point are zero
+                x.add_(self.up_b[p].index_select(0, r.token_slots))
+            else:
+                x.view(B, T, d).add_(self.up_b[p].index_select(0, r.row_slots).unsqueeze(1))
+        if r.token_index is not None:
+            h2.index_copy_(0, r.token_index, x)
+        return h
+
+    def _activate(self, z: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Each row's activation (one call when the batch's tasks agree, as they usually do)."""
+        acts = {spec.activation for spec in r.specs.values()}
+        if len(acts) == 1:
+            return ACTIVATIONS[acts.pop()](z)
+        for seg in r.segments:
+            spec = r.specs.get(seg.slot)
+            if spec is not None:
+                z[seg.start : seg.stop] = ACTIVATIONS[spec.activation](z[seg.start : seg.stop])
+        return z
+
+    def _apply_gather(self, p: int, h: torch.Tensor, r: Routing) -> torch.Tensor:
+        idx = r.row_slots  # [B]
+        z = torch.baddbmm(self.down_b[p].index_select(0, idx).unsqueeze(1), h, self.down_w[p].index_select(0, idx))
+        z = self._activate(z, r)
+        h.baddbmm_(z, self.up_w[p].index_select(0, idx))
+        h.add_(self.up_b[p].index_select(0, idx).unsqueeze(1))
+        return h
+
+    def apply_norm(self, p: int, x: torch.Tensor, eps: float, r: Routing) -> torch.Tensor:
+        """LayerNorm with each row's slot's affine parameters (the backbone's own where a task has none)."""
+        y = F.layer_norm(x, (x.shape[-1],), None, None, eps)
+        return torch.addcmul(
+            self.norm_b[p].index_select(0, r.row_slots).unsqueeze(1), y,
+            self.norm_w[p].index_select(0, r.row_slots).unsqueeze(1),
+        )
+
+
+class RoutedProjection(nn.Module):
+    """The backbone's output projection, followed by each row's adapter when a routing is open."""
+
+    def __init__(self, base: nn.Module, pool: SlotPool, layer: int, point: str):
+        super().__init__()
+        self.base, self.layer, self.point = base, layer, point
+        self.p = SlotPool.point_index(layer, point)
+        self._pool = [pool]  # a list, so the pool is not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        r = self._pool[0].current()
+        if r is None or not r.any_adapter:
+            return h
+        return self._pool[0].apply_adapters(self.p, self.point, h, r)
+
+
+class RoutedLayerNorm(nn.Module):
+    """The backbone's post-residual LayerNorm; per-row affine parameters only when a routed task trains its own."""
+
+    def __init__(self, base: nn.LayerNorm, pool: SlotPool, layer: int, point: str):
+        super().__init__()
+        self.base = base
+        self.p = SlotPool.point_index(layer, point)
+        self._pool = [pool]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self._pool[0].current()
+        if r is None or not r.any_norm:
+            return self.base(x)
+        return self._pool[0].apply_norm(self.p, x, self.base.eps, r)
+
+
+def install_slot_pool(
+    model: nn.Module, spec: ArchSpec, num_slots: int, *, device: torch.device, dtype: torch.dtype,
+    bottleneck_capacity: int = 64,
+) -> SlotPool:
+    """Replace every insertion point of `model` with routed layers reading one new pool (idempotent per model)."""
+    layers = get_submodule(model, spec.layers)
+    norms = []
+    for layer in layers:
+        for point in INSERTION_POINTS:
+            norm = get_submodule(layer, spec.norm(point))
+            norm = norm.base if isinstance(norm, RoutedLayerNorm) else norm
+            norms.append((norm.weight, norm.bias))
+    hidden = norms[0][0].shape[0]
+    pool = SlotPool(len(layers), hidden, num_slots, device=device, dtype=dtype, base_norms=norms,
+                    bottleneck_capacity=bottleneck_capacity)
+    for i, layer in enumerate(layers):
+        for point in INSERTION_POINTS:
+            proj = get_submodule(layer, spec.projection(point))
+            proj = proj.base if isinstance(proj, RoutedProjection) else proj
+            set_submodule(layer, spec.projection(point), RoutedProjection(proj, pool, i, point))
+            norm = get_submodule(layer, spec.norm(point))
+            norm = norm.base if isinstance(norm, RoutedLayerNorm) else norm
+            set_submodule(layer, spec.norm(point), RoutedLayerNorm(norm, pool, i, point))
+    return pool

@@ -1,0 +1,232 @@
+"""Device cache of task adapters + heads: `task@version` -> slot, bounded by bytes and slots, LRU.
+
+- The cache owns the task -> slot map; layers only see slot indices.
+- Lazy: a task loads on first use; one load per key at a time (per-key lock, checked again after taking it).
+- Entries pinned by in-flight batches are never evicted; eviction is a callback of the LRU.
+- Keys include the version, so a new version is never served from an old version's weights.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from service.bundles.codec import Bundle
+from service.bundles.manifest import Manifest
+from service.errors import CacheFull
+from service.modeling.heads import TaskHead, build_head
+from service.modeling.slot_pool import SlotPool
+
+Key = tuple[str, int]
+
+
+class EntryState(Enum):
+    """Lifecycle of a cache entry."""
+
+    LOADING = "loading"  # slot reserved, weights being copied in
+    READY = "ready"  # servable
+    EVICTED = "evicted"  # slot returned to the pool; the entry object is dead
+    FAILED = "failed"  # load raised; `error` says why
+
+
+@dataclass(eq=False)
+class CacheEntry:
+    task: str
+    version: int
+    slot: int
+    nbytes: int
+    manifest: Manifest
+    head: TaskHead
+    state: EntryState = EntryState.LOADING
+    pins: int = 0
+    doomed: bool = False  # evict as soon as the last pin is released (task deleted)
+    error: BaseException | None = None
+
+    @property
+    def key(self) -> Key:
+        return (self.task, self.version)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_failures: int = 0
+    load_seconds_total: float = 0.0
+    recent_load_seconds: deque = field(default_factory=lambda: deque(maxlen=1024))
+    resident_bytes: int = 0
+    resident_entries: int = 0
+
+
+class AdapterCache:
+    """LRU of resident task weights, pinned while in use. Thread-safe."""
+
+    def __init__(
+        self,
+        pool: SlotPool,
+        fetch: Callable[[str, int], Bundle],
+        *,
+        max_bytes: int,
+        max_slots: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        on_evict: Callable[[CacheEntry], None] | None = None,
+        on_load: Callable[[CacheEntry, float], None] | None = None,
+    ):
+        if max_slots > pool.num_slots - 1:
+            raise ValueError(f"max_slots {max_slots} exceeds the pool's {pool.num_slots - 1} slots")
+        self.pool, self._fetch = pool, fetch
+        self.max_bytes, self.max_slots = max_bytes, max_slots
+        self.device, self.dtype = device, dtype
+        self._on_evict_hook = on_evict
+        self._on_load_hook = on_load
+        self._entries: OrderedDict[Key, CacheEntry] = OrderedDict()  # LRU order: oldest first
+        self._free_slots = list(range(max_slots, 0, -1))  # pop() gives the lowest free slot
+        self._lock = threading.Lock()
+        self._key_locks: dict[Key, threading.Lock] = {}
+        self.stats = CacheStats()
+
+    # --- public --------------------------------------------------------------------------------
+
+    def acquire(self, task: str, version: int, bundle: Bundle | None = None) -> CacheEntry:
+        """The READY entry for `task@version`, pinned (call `release` when done); loads it on a miss, from
+        `bundle` when given (an upload being smoke-tested or pre-warmed) else through `fetch`."""
+        key = (task, version)
+        entry = self._pin_if_ready(key)
+        if entry is not None:
+            return entry
+        with self._lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            entry = self._pin_if_ready(key)  # someone else may have loaded it while we waited
+            if entry is not None:
+                return entry
+            return self._load(task, version, bundle)
+
+    def release(self, entry: CacheEntry) -> None:
+        with self._lock:
+            entry.pins -= 1
+            assert entry.pins >= 0, "release without acquire"
+            if entry.pins == 0 and entry.doomed and entry.state is EntryState.READY:
+                self._evict(entry)
+
+    def invalidate(self, task: str, keep_version: int | None = None) -> int:
+        """Drop every resident version of `task` (but `keep_version`); pinned ones go when released.
+        Returns how many entries were affected."""
+        with self._lock:
+            victims = [e for e in self._entries.values() if e.task == task and e.version != keep_version]
+            for e in victims:
+                e.doomed = True
+                if e.pins == 0 and e.state is EntryState.READY:
+                    self._evict(e)
+            return len(victims)
+
+    def invalidate_version(self, task: str, version: int) -> None:
+        """Drop `task@version` (now, or when its last pin is released)."""
+        with self._lock:
+            entry = self._entries.get((task, version))
+            if entry is not None:
+                entry.doomed = True
+                if entry.pins == 0 and entry.state is EntryState.READY:
+                    self._evict(entry)
+
+    def resident(self) -> list[CacheEntry]:
+        with self._lock:
+            return [e for e in self._entries.values() if e.state is EntryState.READY]
+
+    def is_resident(self, task: str, version: int) -> bool:
+        with self._lock:
+            e = self._entries.get((task, version))
+            return e is not None and e.state is EntryState.READY
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _pin_if_ready(self, key: Key) -> CacheEntry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.state is not EntryState.READY or entry.doomed:
+                return None
+            entry.pins += 1
+            self._entries.move_to_end(key)
+            self.stats.hits += 1
+            return entry
+
+    def _load(self, task: str, version: int, bundle: Bundle | None) -> CacheEntry:
+        t0 = time.perf_counter()
+        with self._lock:
+            self.stats.misses += 1
+        try:
+            if bundle is None:
+                bundle = self._fetch(task, version)
+            head = build_head(bundle.manifest, bundle.tensors).to(device=self.device, dtype=self.dtype).eval()
+            head.requires_grad_(False)
+            nbytes = self._entry_bytes(bundle, head)
+            with self._lock:
+                slot = self._reserve(nbytes)
+                entry = CacheEntry(task, version, slot, nbytes, bundle.manifest, head, pins=1)
+                self._entries[entry.key] = entry
+                self.stats.resident_bytes += nbytes
+                self.stats.resident_entries += 1
+        except BaseException:
+            with self._lock:
+                self.stats.load_failures += 1
+            raise
+        try:
+            if bundle.manifest.adapter is not None:
+                self.pool.write(slot, bundle.manifest.adapter, bundle.tensors)
+        except BaseException as exc:
+            with self._lock:
+                entry.state, entry.error = EntryState.FAILED, exc
+                self._drop(entry)
+                self.stats.load_failures += 1
+            raise
+        seconds = time.perf_counter() - t0
+        with self._lock:
+            entry.state = EntryState.READY
+            self.stats.load_seconds_total += seconds
+            self.stats.recent_load_seconds.append(seconds)
+        if self._on_load_hook is not None:
+            self._on_load_hook(entry, seconds)
+        return entry
+
+    def _entry_bytes(self, bundle: Bundle, head: TaskHead) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        adapter = sum(t.numel() for k, t in bundle.tensors.items() if k.startswith("adapter."))
+        return adapter * itemsize + sum(p.numel() * p.element_size() for p in head.parameters())
+
+    def _reserve(self, nbytes: int) -> int:
+        """Evict LRU unpinned entries until `nbytes` and one slot fit; return the slot. Caller holds the lock."""
+        if nbytes > self.max_bytes:
+            raise CacheFull(f"adapter needs {nbytes} bytes, more than the whole cache budget of {self.max_bytes}")
+        for entry in list(self._entries.values()):  # oldest first
+            if self._free_slots and self.stats.resident_bytes + nbytes <= self.max_bytes:
+                break
+            if entry.pins == 0 and entry.state is EntryState.READY:
+                self._evict(entry)
+        if not self._free_slots or self.stats.resident_bytes + nbytes > self.max_bytes:
+            raise CacheFull("every resident adapter is in use by in-flight requests; retry shortly")
+        return self._free_slots.pop()
+
+    def _evict(self, entry: CacheEntry) -> None:
+        """The LRU's removal callback. Caller holds the lock; the entry is unpinned."""
+        entry.state = EntryState.EVICTED
+        self._drop(entry)
+        self.stats.evictions += 1
+        if self._on_evict_hook is not None:
+            self._on_evict_hook(entry)
+
+    def _drop(self, entry: CacheEntry) -> None:
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        self.pool.forget(entry.slot)
+        self._free_slots.append(entry.slot)
+        self._free_slots.sort(reverse=True)
+        self.stats.resident_bytes -= entry.nbytes
+        self.stats.resident_entries -= 1

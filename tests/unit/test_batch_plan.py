@@ -1,0 +1,59 @@
+"""Batch planning is pure: table tests."""
+
+import pytest
+
+from service.modeling.batch_plan import Segment, pack_batches, plan_batch
+
+
+@pytest.mark.parametrize(
+    "slots, order, segments",
+    [
+        ([], (), ()),
+        ([3], (0,), (Segment(3, 0, 1),)),
+        ([2, 2, 2], (0, 1, 2), (Segment(2, 0, 3),)),
+        ([2, 1, 2, 1], (1, 3, 0, 2), (Segment(1, 0, 2), Segment(2, 2, 4))),
+        ([0, 5, 0, 3], (0, 2, 3, 1), (Segment(0, 0, 2), Segment(3, 2, 3), Segment(5, 3, 4))),
+        ([4, 3, 2, 1], (3, 2, 1, 0), (Segment(1, 0, 1), Segment(2, 1, 2), Segment(3, 2, 3), Segment(4, 3, 4))),
+        # stable: rows of one slot keep their arrival order
+        ([7, 1, 7, 1, 7], (1, 3, 0, 2, 4), (Segment(1, 0, 2), Segment(7, 2, 5))),
+    ],
+)
+def test_plan_batch_sorts_by_slot_and_cuts_segments(slots, order, segments):
+    plan = plan_batch(slots)
+    assert plan.order == order
+    assert plan.segments == segments
+    inv = plan.inverse()
+    assert all(plan.order[inv[j]] == j for j in range(len(slots)))
+    for seg in plan.segments:  # each segment is one slot, and segments tile the batch
+        assert {slots[plan.order[i]] for i in range(seg.start, seg.stop)} == {seg.slot}
+    assert sum(s.stop - s.start for s in plan.segments) == len(slots)
+
+
+@pytest.mark.parametrize(
+    "lengths, max_rows, max_tokens, batches",
+    [
+        ([], 4, 100, []),
+        ([5, 5, 5], 4, 100, [[0, 1, 2]]),
+        ([5, 5, 5, 5, 5], 2, 100, [[0, 1], [2, 3], [4]]),
+        # token budget: 3 rows x 10 tokens = 30 > 25, so cut after two rows
+        ([10, 10, 10], 8, 25, [[0, 1], [2]]),
+        # grouped by length: the two short rows go together, the two long ones together
+        ([50, 3, 48, 4], 2, 1000, [[2, 0], [1, 3]]),
+        # a row longer than the token budget goes alone rather than being dropped
+        ([200, 5], 8, 100, [[0], [1]]),
+        # batches come back in the order of their oldest row
+        ([30, 30, 2, 2], 2, 1000, [[0, 1], [2, 3]]),
+    ],
+)
+def test_pack_batches_respects_budgets(lengths, max_rows, max_tokens, batches):
+    got = pack_batches(lengths, max_rows, max_tokens)
+    assert got == batches
+    assert sorted(i for b in got for i in b) == list(range(len(lengths)))
+    for b in got:
+        assert len(b) <= max_rows
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= max_tokens
+
+
+def test_pack_batches_rejects_empty_budget():
+    with pytest.raises(ValueError):
+        pack_batches([1], 0, 10)

@@ -1,0 +1,52 @@
+"""Imports point one way: api -> runtime -> modeling -> bundles -> settings/errors; cluster -> bundles;
+training -> modeling, bundles. modeling never imports FastAPI or redis."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+
+from tests.conftest import REPO
+
+ALLOWED = {
+    "bundles": {"bundles", "settings", "errors"},
+    "modeling": {"modeling", "bundles", "settings", "errors"},
+    "runtime": {"runtime", "modeling", "bundles", "settings", "errors"},
+    "cluster": {"cluster", "bundles", "settings", "errors"},
+    "training": {"training", "modeling", "bundles", "settings", "errors", "runtime"},  # runtime: Engine re-scoring
+    "api": {"api", "runtime", "modeling", "bundles", "settings", "errors", "cluster", ""},  # "": service.__version__
+}
+FORBIDDEN_THIRD_PARTY = {"modeling": {"fastapi", "starlette", "redis", "uvicorn"},
+                         "bundles": {"fastapi", "starlette", "redis", "uvicorn", "transformers"}}
+
+
+def imports_of(package: str) -> list[tuple[str, str]]:
+    """(file, imported module) for every import in service/<package>/, lazy ones included."""
+    out = []
+    for path in sorted((REPO / "service" / package).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                out += [(path.name, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                out.append((path.name, node.module))
+    return out
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_package_imports_point_one_way(package):
+    bad = []
+    for file, module in imports_of(package):
+        parts = module.split(".")
+        if parts[0] == "service":
+            target = parts[1] if len(parts) > 1 else ""
+            if target not in ALLOWED[package]:
+                bad.append(f"{file} imports {module}")
+        elif parts[0] in FORBIDDEN_THIRD_PARTY.get(package, set()):
+            bad.append(f"{file} imports {module}")
+    assert bad == []
+
+
+def test_only_the_app_factory_wires_the_cluster_into_the_runtime():
+    users = {file for file, module in imports_of("api") if module.startswith("service.cluster")}
+    assert users <= {"app.py"}
