@@ -1,0 +1,56 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from service.api.deps import Services
+from service.api.responses import JSON
+from service.errors import ServiceError
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz():
+    """The process is alive and its event loop answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Not ready: the body says which check failed"}})
+async def readyz(request: Request, allow_degraded: bool = False):
+    """Ready to serve: backbone loaded, batcher running, store reachable (and the Redis registry connected).
+
+    `?allow_degraded=true` (for load-balancer readiness probes) answers 200 while this replica can still
+    serve its resident tasks, with `"status": "degraded"` and the failing checks: a shared Redis outage must
+    not take every replica out of rotation at once."""
+    svc: Services = request.app.state.svc
+    checks: dict[str, str] = {"backbone": "ok" if svc.engine is not None else "loading",
+                              "batcher": "ok" if svc.batcher is not None and svc.batcher.running else "stopped"}
+    if svc.store is not None:
+        try:
+            await run_in_threadpool(svc.store.ping)
+            checks["store"] = "ok"
+        except ServiceError as exc:
+            checks["store"] = exc.message
+    else:
+        checks["store"] = "not configured yet"
+    if svc.cluster is not None:
+        health = svc.cluster.health()
+        checks["cluster"] = "ok" if health.connected else f"disconnected: {health.last_error or 'connecting'}"
+    failed = {k: v for k, v in checks.items() if v != "ok"}
+    can_serve = checks["backbone"] == "ok" and checks["batcher"] == "ok"
+    if failed and not (allow_degraded and can_serve):
+        detail = "not ready: " + "; ".join(f"{k} {v}" for k, v in failed.items())
+        return JSON({"detail": detail, "checks": checks}, status_code=503, headers={"Retry-After": "5"})
+    return JSON({"status": "degraded" if failed else "ready", "checks": checks,
+                 "backbone": svc.engine.backbone.ref.id, "device": str(svc.engine.backbone.device)})
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    """Prometheus text format."""
+    return Response(generate_latest(request.app.state.svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

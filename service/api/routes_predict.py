@@ -1,0 +1,68 @@
+"""POST /predict/{task} (cross-task batched) and POST /embed (plain backbone)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.api.auth import require_api_key
+from service.api.deps import Services, services
+from service.api.errors import status_for
+from service.api.metrics import UNKNOWN_TASK
+from service.api.responses import JSON
+from service.api.schemas import PREDICT_EXAMPLES, EmbedRequest, EmbedResponse, PredictRequest, PredictResponse
+from service.bundles.manifest import HeadType
+from service.runtime.engine import RowRequest
+
+router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
+
+ERRORS = {
+    404: {"description": "Unknown task"},
+    413: {"description": "A text is over the configured character limit"},
+    422: {"description": "Malformed body, empty text, a body shape that does not fit the task, list too long"},
+    503: {"description": "Overloaded (with Retry-After) or not ready"},
+}
+
+
+@router.post("/predict/{task}", response_model=PredictResponse, responses=ERRORS)
+async def predict(
+    task: str,
+    request: Request,
+    body: Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)],
+    svc: Annotated[Services, Depends(services)],
+):
+    """Predict with one task. Requests for different tasks share backbone forwards."""
+    t0 = time.perf_counter()
+    try:
+        view = svc.registry.get(task) or await run_in_threadpool(svc.registry.resolve, task)
+        s = svc.settings
+        texts, pairs = body.inputs(view.manifest.head_type, max_items=s.max_items_per_request, max_chars=s.max_text_chars)
+        rows = svc.engine.encode(view.manifest, texts, pairs)
+        results = await svc.batcher.submit([RowRequest(task, view.version, r) for r in rows])
+        for r in results:
+            if r.error is not None:
+                raise r.error
+        response = JSON({"task": task, "version": view.version, "predictions": [r.prediction for r in results]})
+        svc.metrics.observe_request(task, 200, time.perf_counter() - t0)
+        return response
+    except BaseException as exc:
+        label = task if svc.registry.get(task) is not None else UNKNOWN_TASK  # bounded label cardinality
+        status = 499 if isinstance(exc, asyncio.CancelledError) else status_for(exc)  # 499: client went away
+        svc.metrics.observe_request(label, status, time.perf_counter() - t0)
+        raise
+
+
+@router.post("/embed", response_model=EmbedResponse, responses={422: ERRORS[422], 503: ERRORS[503]})
+async def embed(body: EmbedRequest, svc: Annotated[Services, Depends(services)]):
+    """Sentence embeddings from the plain backbone (mean-pooled, L2-normalised): no adapter."""
+    s = svc.settings
+    texts, _ = PredictRequest(texts=body.texts).inputs(  # the same checks as a plain-text predict
+        HeadType.CLASSIFICATION, max_items=s.max_items_per_request, max_chars=s.max_text_chars
+    )
+    rows = svc.engine.encode(None, texts)
+    results = await svc.batcher.submit([RowRequest(None, 0, r) for r in rows])
+    return JSON({"backbone": svc.engine.backbone.ref.id, "embeddings": [r.prediction["embedding"] for r in results]})

@@ -1,0 +1,164 @@
+"""Request and response bodies of the HTTP API (with the examples shown at /docs)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.bundles.manifest import HeadType
+from service.errors import InputTooLarge, InvalidInput
+
+
+class PredictRequest(BaseModel):
+    """Exactly one input shape: a text (optionally with a second text), a list of texts (optionally with
+    second texts), or a question with its context (single or lists) for extractive QA."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = None
+    text_pair: str | None = None
+    texts: list[str] | None = None
+    text_pairs: list[str] | None = None
+    question: str | None = None
+    context: str | None = None
+    questions: list[str] | None = None
+    contexts: list[str] | None = None
+
+    def inputs(self, head: HeadType, *, max_items: int, max_chars: int) -> tuple[list[str], list[str] | None]:
+        """(texts, second texts or None) for a task with `head`; for QA (questions, contexts).
+        Raises InvalidInput (422) when the shape does not fit, InputTooLarge (413) for an over-long text."""
+        given = {k for k, v in self.model_dump(exclude_none=True).items()}
+        shapes = [
+            ({"text"}, ("text", None)), ({"text", "text_pair"}, ("text", "text_pair")),
+            ({"texts"}, ("texts", None)), ({"texts", "text_pairs"}, ("texts", "text_pairs")),
+            ({"question", "context"}, ("question", "context")), ({"questions", "contexts"}, ("questions", "contexts")),
+        ]
+        match = next((fields for keys, fields in shapes if keys == given), None)
+        if match is None:
+            raise InvalidInput(
+                "body must be one of: {text}, {text, text_pair}, {texts}, {texts, text_pairs}, "
+                f"{{question, context}}, {{questions, contexts}}; got {{{', '.join(sorted(given)) or 'nothing'}}}"
+            )
+        first, second = match
+        qa = first.startswith("question")
+        if head is HeadType.QA and not qa:
+            raise InvalidInput("this task answers questions: send {question, context} or {questions, contexts}")
+        if head is not HeadType.QA and qa:
+            raise InvalidInput(f"this task is {head.value}, not question answering: send text or texts")
+        if head is HeadType.TOKEN_CLASSIFICATION and second is not None:
+            raise InvalidInput("this task tags single texts: text pairs are not accepted")
+        texts = _as_list(getattr(self, first))
+        pairs = _as_list(getattr(self, second)) if second else None
+        if not texts:
+            raise InvalidInput(f"'{first}' must not be empty")
+        if len(texts) > max_items:
+            raise InvalidInput(f"'{first}' has {len(texts)} items; at most {max_items} per request")
+        if pairs is not None and len(pairs) != len(texts):
+            raise InvalidInput(f"'{first}' has {len(texts)} items but '{second}' has {len(pairs)}")
+        for name, values in ((first, texts), (second, pairs or [])):
+            for i, value in enumerate(values):
+                where = f"'{name}'" if len(values) == 1 and not name.endswith("s") else f"'{name}[{i}]'"
+                if not value.strip():
+                    raise InvalidInput(f"{where} is empty")
+                if len(value) > max_chars:
+                    raise InputTooLarge(f"{where} has {len(value)} characters; the limit is {max_chars}")
+        return texts, pairs
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+PREDICT_EXAMPLES: dict[str, dict[str, Any]] = {
+    "text": {"summary": "One text", "value": {"text": "a gripping, beautifully shot film"}},
+    "text_pair": {
+        "summary": "One text pair (paraphrase, similarity)",
+        "value": {"text": "The cat sat on the mat.", "text_pair": "A cat was sitting on the mat."},
+    },
+    "texts": {"summary": "Several texts", "value": {"texts": ["great acting", "a waste of two hours"]}},
+    "text_pairs": {
+        "summary": "Several text pairs",
+        "value": {"texts": ["He left early.", "Prices rose."], "text_pairs": ["He went home early.", "Prices fell."]},
+    },
+    "question": {
+        "summary": "One question (extractive QA)",
+        "value": {"question": "Where is the Eiffel Tower?", "context": "The Eiffel Tower is in Paris, France."},
+    },
+    "questions": {
+        "summary": "Several questions (extractive QA)",
+        "value": {
+            "questions": ["Who wrote Hamlet?", "When was it written?"],
+            "contexts": ["Hamlet was written by William Shakespeare.", "Hamlet was written around 1600."],
+        },
+    },
+}
+
+
+class PredictResponse(BaseModel):
+    task: str
+    version: int
+    predictions: list[dict[str, Any]] = Field(
+        description="One per input. classification: {label, score, scores}; multilabel: {labels, scores}; "
+        "regression: {value}; token-classification: {entities: [{entity, text, start, end, score}]}; "
+        "qa: {answer, start, end, score}; plus truncated: true when the input was cut to fit the model.",
+        examples=[[{"label": "positive", "score": 0.97, "scores": {"negative": 0.03, "positive": 0.97}}]],
+    )
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1, examples=[["a sentence to embed", "another one"]])
+
+
+class EmbedResponse(BaseModel):
+    backbone: str
+    embeddings: list[list[float]] = Field(description="L2-normalised mean-pooled backbone embeddings")
+
+
+class ActivateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, examples=[1])
+
+
+class UploadResponse(BaseModel):
+    task: str
+    version: int
+    sha256: str
+    active: bool
+    head_type: str
+    labels: list[str]
+    size_bytes: int
+
+
+class VersionDetail(BaseModel):
+    version: int
+    active: bool
+    resident: bool
+    sha256: str
+    size_bytes: int
+    stored_at: datetime
+    manifest: dict[str, Any]
+
+
+class TaskListItem(BaseModel):
+    task: str
+    active_version: int
+    versions: list[int]
+    head_type: str
+    labels: list[str]
+    size_bytes: int
+    resident: bool
+
+
+class TaskList(BaseModel):
+    adapters: list[TaskListItem]
+
+
+class TaskDetail(BaseModel):
+    task: str
+    active_version: int
+    head_type: str
+    labels: list[str]
+    versions: list[VersionDetail]

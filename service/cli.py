@@ -1,0 +1,128 @@
+"""`adapter-service`: serve | upload | list | inspect | train | evaluate | store sync.
+
+Heavy imports (torch, transformers, the app) happen inside the commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Serve many NLP tasks from one frozen backbone with swappable bottleneck adapters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+store_app = typer.Typer(help="Adapter store maintenance.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="interface to bind [env ADAPTER_SERVICE_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [env ADAPTER_SERVICE_PORT]")] = None,
+    backbone: Annotated[str | None, typer.Option(help="backbone id or folder [env ADAPTER_SERVICE_BACKBONE]")] = None,
+    store_dir: Annotated[Path | None, typer.Option(help="local adapter store [env ADAPTER_SERVICE_STORE_DIR]")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="shared Redis registry [env ADAPTER_SERVICE_REDIS_URL]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N [env ADAPTER_SERVICE_DEVICE]")] = None,
+):
+    """Serve the HTTP API (settings from ADAPTER_SERVICE_* variables; options here override them)."""
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.settings import ServiceSettings
+
+    overrides = {k: v for k, v in dict(host=host, port=port, backbone=backbone, store_dir=store_dir,
+                                       redis_url=redis_url, device=device).items() if v is not None}
+    settings = ServiceSettings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=settings.access_log, timeout_graceful_shutdown=10)
+
+
+def _client(url: str, token: str | None):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120)
+
+
+def _show(response) -> None:
+    """Print a response body; exit 1 with the server's message on an error status."""
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        typer.echo(f"error {response.status_code}: {detail}", err=True)
+        raise typer.Exit(1)
+    if response.content:
+        typer.echo(json.dumps(response.json(), indent=2))
+
+
+@app.command()
+def upload(
+    file: Annotated[Path, typer.Argument(help="bundle to upload", exists=True, dir_okay=False)],
+    url: Annotated[str, typer.Option(help="service base URL")] = "http://127.0.0.1:8000",
+    token: Annotated[str | None, typer.Option(help="admin token", envvar="ADAPTER_SERVICE_ADMIN_TOKEN")] = None,
+):
+    """Upload a bundle to a running service; it becomes the task's active version."""
+    with _client(url, token) as client, file.open("rb") as fh:
+        _show(client.post("/adapters", files={"file": (file.name, fh, "application/octet-stream")}))
+
+
+@app.command("list")
+def list_tasks(url: Annotated[str, typer.Option(help="service base URL")] = "http://127.0.0.1:8000"):
+    """List the tasks of a running service."""
+    with _client(url, None) as client:
+        _show(client.get("/adapters"))
+
+
+@app.command()
+def inspect(file: Annotated[Path, typer.Argument(help="a bundle (.safetensors)", exists=True, dir_okay=False)]):
+    """Print a bundle's manifest (validated, but not checked against any backbone)."""
+    from service.bundles.codec import decode_bundle
+    from service.errors import BundleInvalid
+
+    data = file.read_bytes()
+    try:
+        bundle = decode_bundle(data, backbone=None, max_bytes=max(len(data), 1))
+    except BundleInvalid as exc:
+        typer.echo(f"invalid bundle ({exc.code}): {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    out = json.loads(bundle.manifest.model_dump_json())
+    out["sha256"] = bundle.sha256
+    out["size_bytes"] = bundle.size_bytes
+    out["parameters"] = sum(t.numel() for t in bundle.tensors.values())
+    typer.echo(json.dumps(out, indent=2))
+
+
+def _register_optional_commands() -> None:
+    """Commands that live with their subsystem (training, cluster), registered when present."""
+    try:
+        from service.training.cli import evaluate_command, train_command
+    except ImportError:
+        pass
+    else:
+        app.command("train")(train_command)
+        app.command("evaluate")(evaluate_command)
+    try:
+        from service.cluster.cli import store_sync_command
+    except ImportError:
+        pass
+    else:
+        store_app.command("sync")(store_sync_command)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    app(prog_name="adapter-service")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Cross-task dynamic batching: rows of ANY task wait in one queue and share backbone forwards.
+
+A batch closes when it has `max_batch_size` rows, when its padded tokens would exceed `max_batch_tokens`,
+or when its oldest row has waited `max_wait_ms`. Rows of similar length go together (less padding), and
+every batch includes the oldest waiting row (no starvation). The forward runs in one worker thread, so
+the event loop keeps accepting and tokenising requests meanwhile. The queue is bounded: a full queue
+refuses new work with `Overloaded` instead of letting latency grow without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from service.errors import NotReady, Overloaded
+from service.modeling.batch_plan import pack_batches
+from service.runtime.engine import Engine, RowRequest, RowResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one forward did (for metrics)."""
+
+    rows: int
+    padded_tokens: int
+    tasks: int
+    seconds: float
+
+
+@dataclass(eq=False)
+class _Pending:
+    request: RowRequest
+    future: asyncio.Future
+    enqueued: float  # loop time
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 8192,
+        max_wait_ms: float = 5.0,
+        queue_limit: int = 2048,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ):
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue_limit = queue_limit
+        self._on_batch = on_batch
+        self._queue: deque[_Pending] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._window = 4 * max_batch_size  # rows considered when grouping by length
+
+    @property
+    def depth(self) -> int:
+        """Rows waiting for a forward."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name="batcher")
+
+    async def stop(self) -> None:
+        """Finish nothing new: fail waiting rows with NotReady, stop the loop, release the worker."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(NotReady("the service is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, requests: Sequence[RowRequest]) -> list[RowResult]:
+        """Queue rows and wait for their results (one per row, in order)."""
+        if not self.running:
+            raise NotReady("the service is not ready")
+        if len(self._queue) + len(requests) > self.queue_limit:
+            raise Overloaded(f"request queue is full ({self.queue_limit} rows waiting); retry shortly", retry_after=1.0)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pending = [_Pending(r, loop.create_future(), now) for r in requests]
+        self._queue.extend(pending)
+        self._wakeup.set()
+        return list(await asyncio.gather(*(p.future for p in pending)))
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            deadline = self._queue[0].enqueued + self.max_wait
+            while not self._full() and (remaining := deadline - loop.time()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if batch:
+                await self._run(loop, batch)
+
+    def _full(self) -> bool:
+        if len(self._queue) >= self.max_batch_size:
+            return True
+        longest = max(len(p.request.row) for p in self._queue)
+        return longest * len(self._queue) >= self.max_batch_tokens
+
+    def _take(self) -> list[_Pending]:
+        """Remove and return the next batch: the oldest row plus rows of similar length from the window."""
+        while self._queue and self._queue[0].future.done():  # cancelled by a disconnected client
+            self._queue.popleft()
+        window = [p for p in list(self._queue)[: self._window] if not p.future.done()]
+        if not window:  # the queue held only cancelled rows
+            return []
+        groups = pack_batches([len(p.request.row) for p in window], self.max_batch_size, self.max_batch_tokens)
+        chosen = [window[i] for i in groups[0]]  # groups[0] holds window[0], the oldest row
+        taken = set(map(id, chosen))
+        self._queue = deque(p for p in self._queue if id(p) not in taken and not p.future.done())
+        return chosen
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        t0 = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self.engine.run, [p.request for p in batch])
+        except Exception as exc:  # a bug in the engine: fail this batch, keep serving
+            log.exception("batch of %d rows failed", len(batch))
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        for p, r in zip(batch, results):
+            if not p.future.done():
+                p.future.set_result(r)
+        if self._on_batch is not None:
+            longest = max(len(p.request.row) for p in batch)
+            tasks = len({(p.request.task, p.request.version) for p in batch})
+            self._on_batch(BatchStats(len(batch), longest * len(batch), tasks, time.perf_counter() - t0))

@@ -1,0 +1,52 @@
+"""API fixtures: the app on a tiny backbone with one task per head type, driven through its ASGI interface."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from service.api.app import create_app
+from service.bundles.manifest import AdapterConfig, HeadType
+from service.settings import ServiceSettings
+from tests.conftest import make_bundle, make_manifest
+
+ADMIN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+TASKS = {
+    "sentiment": HeadType.CLASSIFICATION,
+    "topics": HeadType.MULTILABEL,
+    "similarity": HeadType.REGRESSION,
+    "ner": HeadType.TOKEN_CLASSIFICATION,
+    "squad": HeadType.QA,
+}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def seeded_store(tiny_backbone, store):
+    for i, (task, head) in enumerate(TASKS.items()):
+        store.put(task, make_bundle(make_manifest(tiny_backbone.ref, task=task, head_type=head,
+                                                  adapter=AdapterConfig(bottleneck=8)), seed=i))
+    return store
+
+
+@pytest.fixture
+def settings() -> ServiceSettings:
+    return ServiceSettings(admin_token=ADMIN, max_wait_ms=2, max_items_per_request=8, max_text_chars=500,
+                           upload_max_bytes=2 * 1024 * 1024)
+
+
+@pytest.fixture
+async def client(tiny_backbone, seeded_store, settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, backbone=tiny_backbone, store=seeded_store)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            c.app = app
+            yield c
