@@ -1,0 +1,63 @@
+"""Batches for training and evaluation: length-grouped (little padding), seeded, and padded dynamically.
+
+Length grouping works like `transformers`' `group_by_length` and the AdapterHub peer's runs: shuffle,
+cut into mega-batches of 50 batches, sort each by length, cut into batches, shuffle the batch order (no
+short-to-long curriculum). Every example is seen once per epoch; padding falls from ~3x to ~1.05x of the
+real tokens on SST-2, so CPU training runs ~2.6x faster at the same accuracy (peer's check).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from service.bundles.manifest import HeadType
+from service.modeling.encoding import EncodedRow, Encoder
+from service.modeling.heads import IGNORE_INDEX
+
+MEGA_BATCHES = 50
+
+
+def grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, mega: int = MEGA_BATCHES,
+                    ) -> list[list[int]]:
+    """Index batches for one epoch (see the module docstring); `rng` carries on across epochs."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    out: list[list[int]] = []
+    for m in range(0, len(order), mega * batch_size):
+        chunk = sorted(order[m : m + mega * batch_size], key=lambda j: lengths[j], reverse=True)
+        out.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(out)
+    return out
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batches: rows in length order (results do not depend on the order, padding does)."""
+    order = sorted(range(len(lengths)), key=lambda j: lengths[j])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate_targets(head: HeadType, targets: Sequence, width: int) -> torch.Tensor:
+    """Targets of one batch as the head's `loss` expects them (token targets padded with IGNORE_INDEX)."""
+    if head is HeadType.CLASSIFICATION:
+        return torch.tensor(targets, dtype=torch.long)
+    if head in (HeadType.MULTILABEL, HeadType.REGRESSION):
+        return torch.tensor(targets, dtype=torch.float32)
+    if head is HeadType.QA:
+        return torch.tensor(targets, dtype=torch.long).reshape(-1, 2)
+    out = torch.full((len(targets), width), IGNORE_INDEX, dtype=torch.long)
+    for i, t in enumerate(targets):
+        out[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return out
+
+
+def make_batch(encoder: Encoder, head: HeadType, rows: Sequence[EncodedRow], targets: Sequence | None,
+               device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Padded inputs (+ targets) on `device`."""
+    batch = encoder.collate(rows, device)
+    if targets is None:
+        return batch, None
+    y = collate_targets(head, targets, batch["input_ids"].shape[1])
+    return batch, y.to(device)
