@@ -1,0 +1,184 @@
+"""HTTP benchmark: our service vs the AdapterHub peer on the same traffic, with the in-process engine as the
+ceiling, all measured in one run.
+
+    .venv/bin/python bench/http.py [--concurrency 1,8,32] [--rounds 2] [--no-peer]
+
+16 tasks (random Houlsby adapters, bottleneck 64, 2-class heads) on the packaged all-MiniLM-L6-v2, uniformly
+mixed, seeded sentences of 8-30 words (the peer's generator), one request = one sentence. Each round runs,
+one after the other on the same machine: the in-process engine (mixed batches of 32), our server at each
+concurrency, the peer server at each concurrency. Servers never run at the same time. Ratios are taken
+within a round, then the median over rounds is reported.
+
+The peer is ../shared/peers/adapterhub/server.py in its own venv (built by its setup.sh if missing) with
+16 tasks from its make_tasks.py, in its default configuration (`set_active_adapters` + forward under a
+lock, 2 torch threads): the server a user of the `adapters` library would write.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named http.py: run as a script, its folder would shadow the standard library's `http`
+# package (which urllib, httpx and aiohttp import). Put the repo root in its place on the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import httpx  # noqa: E402
+
+from bench.common import PEER_DIR, REPO, machine, median, peer_sentences_module, random_task_store  # noqa: E402
+from bench.loadgen import run_load  # noqa: E402
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited ({proc.returncode}); log:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    sys.exit(f"server not ready after {timeout}s; log:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def inproc_mixed_seq_per_s(store_root: Path, names: list[str], n: int = 256, batch: int = 32, passes: int = 3) -> float:
+    """The ceiling: the engine alone, mixed batches of 32 over the same kind of sentences (median of passes)."""
+    from service.bundles.store import LocalAdapterStore
+    from service.modeling.backbone import load_backbone
+    from service.runtime.engine import Engine, RowRequest
+
+    engine = Engine(load_backbone(device="cpu"), LocalAdapterStore(store_root))
+    sents = peer_sentences_module()
+    texts, tasks = sents.make_sentences(n, seed=5), sents.draw_tasks(n, names, seed=6)
+    rows = engine.encode(engine.store.get_info(names[0], 1).manifest, texts)
+    reqs = [RowRequest(t, 1, r) for t, r in zip(tasks, rows)]
+    engine.run(reqs[:batch])
+    for name in names:
+        engine.warm(name, 1)
+    times = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            engine.run(reqs[i : i + batch])
+        times.append(time.perf_counter() - t0)
+    return n / median(times)
+
+
+def ensure_peer(venv: Path, tasks_dir: Path, num_tasks: int) -> Path:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f">> building the peer venv at {venv} (its setup.sh, ~2 min)", flush=True)
+        subprocess.run(["bash", str(PEER_DIR / "setup.sh")], env={**os.environ, "VENV": str(venv)}, check=True)
+    if not (tasks_dir / f"task{num_tasks - 1:02d}").exists():
+        subprocess.run([str(python), str(PEER_DIR / "make_tasks.py"), "--out-dir", str(tasks_dir),
+                        "--num-tasks", str(num_tasks)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return python
+
+
+def measure(url: str, names: list[str], levels: list[int], per_worker: int, seed: int) -> dict[int, dict]:
+    out = {}
+    for c in levels:
+        result = asyncio.run(run_load(url, names, concurrency=c, requests=max(40, c * per_worker), seed=seed))
+        out[c] = result.summary()
+        print(f"   c={c:<3} {out[c]['req_per_s']:>7.1f} req/s  p50 {out[c]['p50_ms']:>7.1f}  p90 {out[c]['p90_ms']:>7.1f}"
+              f"  p99 {out[c]['p99_ms']:>7.1f} ms  errors {out[c]['errors']}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tasks", type=int, default=16)
+    ap.add_argument("--per-worker", type=int, default=20, help="requests per worker at each concurrency")
+    ap.add_argument("--peer-per-worker", type=int, default=8, help="the peer is slow: fewer requests per worker")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-venv", type=Path, default=Path("/tmp/peervenv"))
+    ap.add_argument("--peer-tasks", type=Path, default=Path("/tmp/ah_tasks"))
+    ap.add_argument("--port", type=int, default=8760)
+    ap.add_argument("--out", type=Path, help="also write the JSON report here")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-http-"))
+
+    from service.modeling.backbone import load_backbone
+
+    store_root = work / "store"
+    names = random_task_store(store_root, load_backbone(device="cpu").ref, args.tasks)
+    peer_python = None if args.no_peer else ensure_peer(args.peer_venv, args.peer_tasks, args.tasks)
+    ours_cmd = [str(REPO / ".venv" / "bin" / "adapter-service"), "serve"]
+    ours_env = {"ADAPTER_SERVICE_STORE_DIR": str(store_root), "ADAPTER_SERVICE_PORT": str(args.port),
+                "ADAPTER_SERVICE_ADMIN_TOKEN": "bench", "ADAPTER_SERVICE_LOG_LEVEL": "warning"}
+    rounds = []
+    for r in range(args.rounds):
+        print(f"== round {r + 1}/{args.rounds}", flush=True)
+        inproc = inproc_mixed_seq_per_s(store_root, names)
+        print(f"   in-process mixed-16 engine: {inproc:.1f} seq/s", flush=True)
+        print("-- ours", flush=True)
+        proc = start(ours_cmd, ours_env, work / "ours.log")
+        try:
+            wait_http(f"http://127.0.0.1:{args.port}/readyz", proc, work / "ours.log")
+            ours = measure(f"http://127.0.0.1:{args.port}", names, levels, args.per_worker, seed=r)
+        finally:
+            stop(proc)
+        peer = None
+        if peer_python is not None:
+            print("-- peer (AdapterHub adapters, set_active_adapters under a lock)", flush=True)
+            port = args.port + 1
+            proc = start([str(peer_python), str(PEER_DIR / "server.py"), "--tasks-dir", str(args.peer_tasks),
+                          "--port", str(port)], {"HF_HUB_OFFLINE": "1"}, work / "peer.log")
+            try:
+                wait_http(f"http://127.0.0.1:{port}/health", proc, work / "peer.log")
+                peer = measure(f"http://127.0.0.1:{port}", names, levels, args.peer_per_worker, seed=r)
+            finally:
+                stop(proc)
+        rounds.append({"inproc_seq_per_s": round(inproc, 1), "ours": ours, "peer": peer})
+
+    top = max(levels)
+    report = {
+        "machine": machine(),
+        "command": "python " + " ".join(sys.argv),
+        "tasks": args.tasks, "levels": levels, "rounds": rounds,
+        "median_ratio_ours_over_inproc_at_max_c": round(median(
+            [x["ours"][top]["req_per_s"] / x["inproc_seq_per_s"] for x in rounds]), 3),
+    }
+    if peer_python is not None:
+        report["median_ratio_ours_over_peer_at_max_c"] = round(median(
+            [x["ours"][top]["req_per_s"] / x["peer"][top]["req_per_s"] for x in rounds]), 2)
+        report["median_p99_ms_at_max_c"] = {
+            "ours": median([x["ours"][top]["p99_ms"] for x in rounds]),
+            "peer": median([x["peer"][top]["p99_ms"] for x in rounds]),
+        }
+    print(json.dumps(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
