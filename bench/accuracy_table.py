@@ -10,8 +10,8 @@ training time of each run. A run that was not made shows as "-". Then the extra 
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,10 @@ def sweep_table(folder: Path) -> str:
 
 
 def main() -> None:
-    results = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "docs" / "results"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="?", type=Path, default=REPO / "docs" / "results",
+                    help="folder of run summaries (train --report files)")
+    results = ap.parse_args().results
     print(table(load(results)))
     if (results / "sweep").is_dir():
         print()

@@ -18,9 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+# Run as a script, bench/ would head the import path, and bench/http.py would shadow the standard library's
+# `http` (which torch imports): put the repo root in its place.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 from bench.common import machine, median, peer_sentences_module, percentile, random_task_store  # noqa: E402
 from service.bundles.store import LocalAdapterStore  # noqa: E402

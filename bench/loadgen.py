@@ -5,18 +5,33 @@ C workers share R requests (the AdapterHub peer's seeded sentences of 8-30 words
 each worker sends its next request when the previous one returns. It stops by itself: after R requests,
 or at the overall deadline (outstanding requests are cancelled and counted as errors). One unmeasured
 warm-up request per task first, so lazy adapter loading is not measured as latency.
+
+bench/http.py drives it; alone, it points at any server with the `POST /predict/{task}` `{"text"}` API:
+
+    .venv/bin/python bench/loadgen.py --url http://127.0.0.1:8000 --tasks sst2,ag_news -c 32 -n 640
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+import sys
+from pathlib import Path
 
-import aiohttp
+# Run as a script, bench/ would head the import path, and bench/http.py would shadow the standard library's
+# `http` (which aiohttp imports): put the repo root in its place.
+if __name__ == "__main__":
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import peer_sentences_module, percentile
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import aiohttp  # noqa: E402
+
+from bench.common import peer_sentences_module, percentile  # noqa: E402
 
 
 @dataclass
@@ -99,3 +114,21 @@ async def run_load(
         errors["not_completed_before_deadline"] += requests - done
     return LoadResult(concurrency, requests, len(latencies), sum(errors.values()), dict(errors), seconds,
                       latencies, versions)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", required=True, help="server base URL")
+    ap.add_argument("--tasks", required=True, help="comma-separated task names, drawn uniformly")
+    ap.add_argument("-c", "--concurrency", type=int, default=16)
+    ap.add_argument("-n", "--requests", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deadline-s", type=float, default=300.0, help="stop (and count the rest as errors) after this")
+    args = ap.parse_args()
+    result = asyncio.run(run_load(args.url, args.tasks.split(","), concurrency=args.concurrency,
+                                  requests=args.requests, seed=args.seed, deadline_s=args.deadline_s))
+    print(json.dumps(result.summary()))
+
+
+if __name__ == "__main__":
+    main()

@@ -87,7 +87,7 @@ class Engine:
     def load_bundle(self, task: str, version: int) -> Bundle:
         """Fetch `task@version` from the store and validate it against the running backbone."""
         data = self.store.get_bytes(task, version)
-        return decode_bundle(data, backbone=self.backbone.ref, max_bytes=self.upload_max_bytes)
+        return decode_bundle(data, backbone=self.backbone.ref, max_bytes=self.upload_max_bytes, digest=False)
 
     def validate_bundle(self, data: bytes) -> Bundle:
         """Full validation of uploaded bytes plus a smoke forward through the serving path."""
