@@ -33,7 +33,12 @@ class ServiceSettings(BaseSettings):
         "auto", description="Compute dtype. `auto`: float32 on CPU, float16 on CUDA."
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="Intra-op threads for CPU inference; default: torch's own choice (all cores)."
+        None, ge=1, description="Intra-op threads per forward on CPU. Unset: the cores divided among the forward "
+        "workers."
+    )
+    forward_workers: int | None = Field(
+        None, ge=1, le=64, description="Batches run at once, each in its own worker thread. Unset: 1 on GPU, 2 on CPU "
+        "(a second batch computes while the first one's responses go out; measured in docs/benchmarks.md)."
     )
     max_seq_length: int = Field(
         256, ge=8, le=8192, description="Tokens per input row at most (capped by the backbone's limit); longer "
@@ -64,7 +69,7 @@ class ServiceSettings(BaseSettings):
     )
     max_wait_ms: float = Field(
         5.0, ge=0.0, le=1000.0, description="How long the first row of a batch waits for company before the batch "
-        "closes anyway (milliseconds)."
+        "closes anyway (milliseconds); only while another batch is running."
     )
     queue_limit: int = Field(
         2048, ge=1, description="Rows waiting for a forward, at most; beyond it requests get 503 with Retry-After."

@@ -9,6 +9,7 @@ import time.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from contextlib import asynccontextmanager
 
@@ -61,6 +62,15 @@ def make_store(settings: ServiceSettings) -> AdapterStore:
     return LocalAdapterStore(settings.store_dir)
 
 
+def forward_parallelism(settings: ServiceSettings, device: torch.device) -> tuple[int, int | None]:
+    """(forward workers, torch intra-op threads or None to leave torch's) from settings and the device."""
+    if device.type != "cpu":
+        return settings.forward_workers or 1, settings.torch_threads
+    workers = settings.forward_workers or 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return workers, settings.torch_threads or max(1, cores // workers)
+
+
 def create_app(
     settings: ServiceSettings | None = None, *, backbone: Backbone | None = None, store: AdapterStore | None = None,
 ) -> FastAPI:
@@ -77,9 +87,11 @@ def create_app(
     async def lifespan(app: FastAPI):
         if generated:
             log.warning("ADAPTER_SERVICE_ADMIN_TOKEN is not set; generated admin token for this run: %s", admin_token)
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
         bb = backbone or await run_in_threadpool(load_backbone, settings.backbone, settings.device, settings.dtype)
+        workers, threads = forward_parallelism(settings, bb.device)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        log.info("forward workers: %d, torch threads each: %d", workers, torch.get_num_threads())
         svc.store = store or make_store(settings)
         engine = Engine(
             bb, svc.store, cache_max_bytes=settings.cache_max_bytes, cache_max_slots=settings.cache_max_slots,
@@ -104,7 +116,8 @@ def create_app(
             log.error("adapter store unavailable at start: %s", exc.message)
         batcher = Batcher(
             engine, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-            max_wait_ms=settings.max_wait_ms, queue_limit=settings.queue_limit, on_batch=metrics.observe_batch,
+            max_wait_ms=settings.max_wait_ms, queue_limit=settings.queue_limit, workers=workers,
+            on_batch=metrics.observe_batch,
         )
         # With Redis, the store itself publishes every write (after it is durable); the sync follows them.
         svc.cluster = _start_cluster(settings, svc.store, registry)

@@ -34,6 +34,39 @@ _ADAPTER_PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
 _PARTS = {False: _ADAPTER_PARTS, True: (*_ADAPTER_PARTS, "norm.weight", "norm.bias")}
 
 
+class SharedExclusiveLock:
+    """Many routed forwards at once (shared), or one pool-tensor replacement alone (exclusive)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 @dataclass(frozen=True)
 class SlotSpec:
     """What occupies a slot: enough to apply it without looking at the task."""
@@ -95,7 +128,9 @@ class SlotPool:
         # slot -> per point p: (down_w [d,m], down_b [m], up_w [m,d], up_b [d], activation) views, or None
         # where the slot has no adapter. Built at write time so the hot path does no tensor indexing.
         self._views: dict[int, list[tuple | None]] = {}
-        self.lock = threading.RLock()  # held by a routed forward; a capacity growth waits for it
+        # Forwards hold it shared (several may run at once: each reads only its own pinned slots); a
+        # capacity growth, which replaces the pool tensors, takes it exclusive.
+        self.lock = SharedExclusiveLock()
         self._write_lock = threading.Lock()  # serialises slot writes
         self._local = threading.local()
 
@@ -119,13 +154,13 @@ class SlotPool:
         """Copy one task's adapter tensors (bundle layout names) into `slot`.
 
         The slot is free, so no in-flight row reads it and the copy needs no forward-exclusion; only a
-        capacity growth (which replaces the pool tensors) waits for the running forward to finish.
+        capacity growth (which replaces the pool tensors) waits for the running forwards to finish.
         """
         if not 0 < slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range 1..{self.num_slots - 1}")
         with self._write_lock:
             if cfg.bottleneck > self.bottleneck_capacity:
-                with self.lock:
+                with self.lock.exclusive():
                     self._grow(cfg.bottleneck)
             self._zero(slot)
             m = cfg.bottleneck
@@ -203,8 +238,8 @@ class SlotPool:
 
     @contextlib.contextmanager
     def route(self, routing: Routing) -> Iterator[None]:
-        """Route the forwards this thread runs inside the block; holds the pool lock throughout."""
-        with self.lock:
+        """Route the forwards this thread runs inside the block (other threads may route their own)."""
+        with self.lock.shared():
             self._local.routing = routing
             try:
                 yield

@@ -1,9 +1,11 @@
 """Cross-task dynamic batching: rows of ANY task wait in one queue and share backbone forwards.
 
 A batch closes when it has `max_batch_size` rows, when its padded tokens would exceed `max_batch_tokens`,
-or when its oldest row has waited `max_wait_ms`. Rows of similar length go together (less padding), and
-every batch includes the oldest waiting row (no starvation). The forward runs in one worker thread, so
-the event loop keeps accepting and tokenising requests meanwhile. The queue is bounded: a full queue
+or when its oldest row has waited `max_wait_ms` (no wait when no other batch is running: nothing is
+gained by holding the only work back). Rows of similar length go together (less padding), and
+every batch includes the oldest waiting row (no starvation). Forwards run in `workers` threads (a batch
+is taken when a worker is free, so rows keep gathering while all are busy), and the event loop keeps
+accepting and tokenising requests meanwhile. The queue is bounded: a full queue
 refuses new work with `Overloaded` instead of letting latency grow without limit.
 """
 
@@ -50,6 +52,7 @@ class Batcher:
         max_batch_tokens: int = 8192,
         max_wait_ms: float = 5.0,
         queue_limit: int = 2048,
+        workers: int = 1,
         on_batch: Callable[[BatchStats], None] | None = None,
     ):
         self.engine = engine
@@ -61,7 +64,10 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._runs: set[asyncio.Task] = set()
+        self.workers = workers
+        self._free_workers: asyncio.Semaphore | None = None
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
         self._window = 4 * max_batch_size  # rows considered when grouping by length
 
     @property
@@ -75,6 +81,7 @@ class Batcher:
 
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
+        self._free_workers = asyncio.Semaphore(self.workers)
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
     async def stop(self) -> None:
@@ -83,6 +90,8 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._runs:
+            await asyncio.gather(*self._runs, return_exceptions=True)
         while self._queue:
             p = self._queue.popleft()
             if not p.future.done():
@@ -107,10 +116,13 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._free_workers.acquire()  # released when the batch taken below has run
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            deadline = self._queue[0].enqueued + self.max_wait
+            # Wait for company only while another batch is running: an idle service answers at once, a
+            # busy one lets rows gather (they would wait for a worker anyway).
+            deadline = self._queue[0].enqueued + self.max_wait if self._runs else loop.time()
             while not self._full() and (remaining := deadline - loop.time()) > 0:
                 self._wakeup.clear()
                 try:
@@ -118,8 +130,12 @@ class Batcher:
                 except TimeoutError:
                     break
             batch = self._take()
-            if batch:
-                await self._run(loop, batch)
+            if not batch:
+                self._free_workers.release()
+                continue
+            run = asyncio.create_task(self._run(loop, batch))
+            self._runs.add(run)
+            run.add_done_callback(self._runs.discard)
 
     def _full(self) -> bool:
         if len(self._queue) >= self.max_batch_size:
@@ -150,6 +166,8 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
+        finally:
+            self._free_workers.release()
         for p, r in zip(batch, results):
             if not p.future.done():
                 p.future.set_result(r)

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import torch
 
 from service.api.app import create_app
 from service.bundles.manifest import AdapterConfig, HeadType
@@ -13,6 +14,7 @@ from service.settings import ServiceSettings
 from tests.conftest import make_bundle, make_manifest
 
 ADMIN = "test-admin-token"
+TORCH_THREADS = torch.get_num_threads()
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 TASKS = {
     "sentiment": HeadType.CLASSIFICATION,
@@ -38,8 +40,10 @@ def seeded_store(tiny_backbone, store):
 
 @pytest.fixture
 def settings() -> ServiceSettings:
+    # Two forward workers (the CPU default), but the test process keeps its torch thread count: the app
+    # would otherwise set it process-wide for every later test.
     return ServiceSettings(admin_token=ADMIN, max_wait_ms=2, max_items_per_request=8, max_text_chars=500,
-                           upload_max_bytes=2 * 1024 * 1024)
+                           upload_max_bytes=2 * 1024 * 1024, forward_workers=2, torch_threads=TORCH_THREADS)
 
 
 @pytest.fixture
