@@ -32,6 +32,9 @@ def post(path: str, body: dict) -> str:
     return f"{CURL} -X POST {URL}{path} {JSON_H} -d '{json.dumps(body)}'"
 
 
+EIFFEL = ("The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It was designed by the company "
+          "of the engineer Gustave Eiffel and built between 1887 and 1889.")
+
 EXAMPLES: dict[str, list[str]] = {
     "quickstart": [post("/predict/sst2", {"text": "a gripping, beautifully shot film"})],
     "predict": [
@@ -41,8 +44,9 @@ EXAMPLES: dict[str, list[str]] = {
                                "text_pair": "Profits increased by 10 percent, the firm said."}),
         post("/predict/stsb", {"text": "A man is playing a guitar.", "text_pair": "A person plays an instrument."}),
         post("/predict/conll2003", {"text": "Angela Merkel met Emmanuel Macron in Berlin on Monday."}),
-        post("/predict/squad", {"question": "Where is the Eiffel Tower?",
-                                "context": "The Eiffel Tower is a wrought-iron lattice tower in Paris, France."}),
+        post("/predict/squad", {"questions": ["Where is the Eiffel Tower?", "Who designed the Eiffel Tower?",
+                                              "When was the Eiffel Tower built?"],
+                                "contexts": [EIFFEL] * 3}),
         post("/embed", {"texts": ["hello world"]}) + " | head -c 120; echo",
     ],
     "errors": [
