@@ -35,17 +35,19 @@ _PARTS = {False: _ADAPTER_PARTS, True: (*_ADAPTER_PARTS, "norm.weight", "norm.bi
 
 
 class SharedExclusiveLock:
-    """Many routed forwards at once (shared), or one pool-tensor replacement alone (exclusive)."""
+    """Many routed forwards at once (shared), or one pool-tensor replacement alone (exclusive). A waiting
+    exclusive holder goes first: under steady load, overlapping forwards would otherwise never all be out."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._shared = 0
         self._exclusive = False
+        self._exclusive_waiting = 0
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
+            self._cond.wait_for(lambda: not self._exclusive and not self._exclusive_waiting)
             self._shared += 1
         try:
             yield
@@ -57,7 +59,11 @@ class SharedExclusiveLock:
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._exclusive_waiting += 1
+            try:
+                self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            finally:
+                self._exclusive_waiting -= 1
             self._exclusive = True
         try:
             yield

@@ -136,3 +136,32 @@ def test_stop_fails_waiting_rows_and_finishes_running_ones(workers):
     done = [o for o in outcomes if isinstance(o, list)]
     assert len(done) == workers  # the running batches finished
     assert all(type(o).__name__ == "NotReady" for o in outcomes if not isinstance(o, list))
+
+
+def test_a_waiting_exclusive_holder_is_not_starved_by_overlapping_shared_holders():
+    lock = SharedExclusiveLock()
+    stop = threading.Event()
+    got_exclusive = threading.Event()
+
+    def reader() -> None:  # back-to-back shared holds that overlap the other reader's
+        while not stop.is_set():
+            with lock.shared():
+                time.sleep(0.01)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in readers:
+        t.start()
+    time.sleep(0.05)
+
+    def writer() -> None:
+        with lock.exclusive():
+            got_exclusive.set()
+
+    w = threading.Thread(target=writer)
+    w.start()
+    try:
+        assert got_exclusive.wait(timeout=5)
+    finally:
+        stop.set()
+        for t in [*readers, w]:
+            t.join(timeout=5)
