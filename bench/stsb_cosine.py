@@ -38,12 +38,11 @@ def main() -> None:
     with args.eval.open(newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
     engine = Engine(load_backbone(device="cpu"), LocalAdapterStore(REPO / "adapters_store"))
-    manifest = engine.store.get_info("sst2", engine.store.get_active("sst2")).manifest  # any single-text task
 
     def embed(texts: list[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), 64):
-            results = engine.run([RowRequest(None, 0, r) for r in engine.encode(manifest, texts[i : i + 64])])
+            results = engine.run([RowRequest(None, 0, r) for r in engine.encode(None, texts[i : i + 64])])
             out += [torch.tensor(r.prediction["embedding"]) for r in results]
         return torch.stack(out)
 
