@@ -10,7 +10,6 @@ import time
 import pytest
 
 from service.modeling.encoding import EncodedRow
-from service.modeling.slot_pool import SharedExclusiveLock
 from service.runtime.batcher import Batcher
 from service.runtime.engine import RowRequest, RowResult
 
@@ -96,30 +95,6 @@ def test_rows_gather_while_every_worker_is_busy():
     assert engine.batches == [["a"], ["t0", "t1", "t2", "t3", "t4"]]
 
 
-def test_shared_holders_run_together_and_exclusive_waits_for_them():
-    lock = SharedExclusiveLock()
-    events: list[str] = []
-    inside = threading.Barrier(2, timeout=5)
-
-    def reader(name: str) -> None:
-        with lock.shared():
-            inside.wait()  # both readers inside at once, or this times out
-            time.sleep(0.1)
-            events.append(f"{name} out")
-
-    def writer() -> None:
-        time.sleep(0.03)
-        with lock.exclusive():
-            events.append("writer in")
-
-    threads = [threading.Thread(target=reader, args=(n,)) for n in ("r1", "r2")] + [threading.Thread(target=writer)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=5)
-    assert sorted(events[:2]) == ["r1 out", "r2 out"] and events[2] == "writer in"
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_stop_fails_waiting_rows_and_finishes_running_ones(workers):
     engine = FakeEngine(seconds=0.2)
@@ -136,32 +111,3 @@ def test_stop_fails_waiting_rows_and_finishes_running_ones(workers):
     done = [o for o in outcomes if isinstance(o, list)]
     assert len(done) == workers  # the running batches finished
     assert all(type(o).__name__ == "NotReady" for o in outcomes if not isinstance(o, list))
-
-
-def test_a_waiting_exclusive_holder_is_not_starved_by_overlapping_shared_holders():
-    lock = SharedExclusiveLock()
-    stop = threading.Event()
-    got_exclusive = threading.Event()
-
-    def reader() -> None:  # back-to-back shared holds that overlap the other reader's
-        while not stop.is_set():
-            with lock.shared():
-                time.sleep(0.01)
-
-    readers = [threading.Thread(target=reader) for _ in range(2)]
-    for t in readers:
-        t.start()
-    time.sleep(0.05)
-
-    def writer() -> None:
-        with lock.exclusive():
-            got_exclusive.set()
-
-    w = threading.Thread(target=writer)
-    w.start()
-    try:
-        assert got_exclusive.wait(timeout=5)
-    finally:
-        stop.set()
-        for t in [*readers, w]:
-            t.join(timeout=5)
