@@ -1,11 +1,15 @@
 """In-process engine benchmark: how much does serving 16 tasks in one mixed batch cost over the backbone?
 
-    .venv/bin/python bench/engine.py [--tasks 16] [--batch 32] [--sentences 256] [--passes 5]
+    .venv/bin/python bench/engine.py [--tasks 16] [--batch 32] [--sentences 256] [--passes 7] [--threads N]
 
 Packaged all-MiniLM-L6-v2, 16 Houlsby tasks (bottleneck 64, classification heads, random weights),
 batches of 32 seeded sentences of 8-30 words (the AdapterHub peer's generator). Tokenisation is done up
 front and not timed, as in the peer's bench. Modes run interleaved per batch in a rotating order; seq/s is
 the median over passes, each ratio the median of the per-pass ratios (same pass, same batches). Prints a table and one JSON line; ratios are taken within this run.
+The process is set up as the service sets itself up (the host allocator keeps freed buffers, see
+service/host_memory.py; `--no-keep-freed-memory` measures without); `--threads` sets torch's intra-op threads
+per forward, by default as many as the service gives each of its forward workers (on a 2-core CPU: 2 workers
+x 1 thread).
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import machine, median, peer_sentences_module, percentile, random_task_store  # noqa: E402
+from service.api.app import forward_parallelism  # noqa: E402
 from service.bundles.store import LocalAdapterStore  # noqa: E402
-from service.modeling.backbone import load_backbone  # noqa: E402
+from service.host_memory import keep_freed_memory  # noqa: E402
+from service.modeling.backbone import load_backbone, pick_device  # noqa: E402
 from service.runtime.engine import Engine, RowRequest, default_strategy  # noqa: E402
+from service.settings import ServiceSettings  # noqa: E402
 
 
 def build(args):
@@ -50,7 +57,16 @@ def main() -> None:
     ap.add_argument("--placement", default="houlsby")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cold-rounds", type=int, default=8, help="full evict+reload rounds for cold-load timing")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads [default: what the service gives each forward worker on this "
+                    "machine: the cores / 2 workers on CPU, torch's own on GPU]")
+    ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="tune the host allocator as the service does (ADAPTER_SERVICE_KEEP_FREED_HOST_MEMORY)")
     args = ap.parse_args()
+    threads = args.threads or forward_parallelism(ServiceSettings(), pick_device(args.device))[1]
+    if threads:
+        torch.set_num_threads(threads)
+    allocator_tuned = keep_freed_memory() if args.keep_freed_memory else False
 
     backbone, store, engine, names = build(args)
     sents = peer_sentences_module()
@@ -128,13 +144,18 @@ def main() -> None:
         "seq_per_s": {k: round(v, 1) for k, v in seq_s.items()},
         "ratio_vs_backbone_only": {k: ratio(k) for k in modes},
         "ratio_backbone_only_over_hf_plain": ratio("backbone_only", "hf_plain_backbone"),
-        "default_strategy": default_strategy(backbone.device),
+        "torch_threads": torch.get_num_threads(), "host_allocator_tuned": allocator_tuned,
+        "auto_strategy": default_strategy(backbone.device),
         "cold_load_ms": {"p50": round(percentile(loads, 50) * 1e3, 2), "p99": round(percentile(loads, 99) * 1e3, 2),
                          "n": len(loads)},
     }
     print(f"{'mode':<22}{'seq/s':>10}{'ratio vs backbone-only':>24}")
     for k, v in seq_s.items():
         print(f"{k:<22}{v:>10.1f}{report['ratio_vs_backbone_only'][k]:>24.3f}")
+    auto = report["auto_strategy"]
+    print(f"mixed-16 / backbone-only with the strategy auto picks here ({auto}): "
+          f"{report['ratio_vs_backbone_only']['mixed_' + auto]:.3f}")
+    print(f"torch threads {report['torch_threads']}, host allocator tuned: {allocator_tuned}")
     print(f"cold load ms p50 {report['cold_load_ms']['p50']}  p99 {report['cold_load_ms']['p99']}  (n={len(loads)})")
     print(json.dumps(report))
 

@@ -40,6 +40,11 @@ class ServiceSettings(BaseSettings):
         None, ge=1, le=64, description="Batches run at once, each in its own worker thread. Unset: 1 on GPU, 2 on CPU "
         "(a second batch computes while the first one's responses go out; measured in docs/benchmarks.md)."
     )
+    keep_freed_host_memory: bool = Field(
+        True, description="Let the C allocator keep freed tensor buffers for reuse instead of unmapping them after "
+        "every forward (glibc only; 10-17% faster CPU forwards, measured in docs/benchmarks.md; the heap keeps its "
+        "peak size)."
+    )
     max_seq_length: int = Field(
         256, ge=8, le=8192, description="Tokens per input row at most (capped by the backbone's limit); longer "
         "inputs are truncated and flagged `truncated: true`."

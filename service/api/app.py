@@ -28,6 +28,7 @@ from service.api.routes_health import router as health_router
 from service.api.routes_predict import router as predict_router
 from service.bundles.store import AdapterStore, LocalAdapterStore
 from service.errors import StoreUnavailable
+from service.host_memory import keep_freed_memory
 from service.modeling.backbone import Backbone, load_backbone
 from service.runtime.adapters import AdapterManager
 from service.runtime.batcher import Batcher
@@ -87,6 +88,8 @@ def create_app(
     async def lifespan(app: FastAPI):
         if generated:
             log.warning("ADAPTER_SERVICE_ADMIN_TOKEN is not set; generated admin token for this run: %s", admin_token)
+        if settings.keep_freed_host_memory:
+            keep_freed_memory()
         bb = backbone or await run_in_threadpool(load_backbone, settings.backbone, settings.device, settings.dtype)
         workers, threads = forward_parallelism(settings, bb.device)
         if threads is not None:

@@ -92,7 +92,6 @@ class Routing:
     specs: dict[int, SlotSpec]  # slot -> spec, for the slots in this batch (slot 0 absent)
     strategy: Strategy
     token_index: torch.Tensor | None = None  # [N] long: real (unpadded) tokens in the flattened [B*T] batch
-    token_slots: torch.Tensor | None = None  # [N] long: slot of each real token (with token_index)
     packed_bounds: tuple[tuple[int, int], ...] = ()  # per segment: its tokens' range in token_index
 
     @property
@@ -231,7 +230,7 @@ class SlotPool:
         row_slots = torch.tensor(
             [s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long, device=self.device
         )
-        token_index, token_slots, bounds = None, None, ()
+        token_index, bounds = None, ()
         if strategy == "segment" and lengths and specs:
             T = max(lengths)
             if sum(lengths) < pack_below * T * len(lengths):
@@ -239,8 +238,7 @@ class SlotPool:
                 token_index = token_index.to(self.device)
                 ends = torch.tensor(lengths).cumsum(0).tolist()
                 bounds = tuple((ends[s.start - 1] if s.start else 0, ends[s.stop - 1]) for s in segments)
-                token_slots = row_slots.repeat_interleave(torch.tensor(lengths, device=self.device))
-        return Routing(tuple(segments), row_slots, specs, strategy, token_index, token_slots, bounds)
+        return Routing(tuple(segments), row_slots, specs, strategy, token_index, bounds)
 
     @contextlib.contextmanager
     def route(self, routing: Routing) -> Iterator[None]:
@@ -263,33 +261,37 @@ class SlotPool:
             return self._apply_gather(p, h, r)
         B, T, d = h.shape
         h2 = h.view(-1, d)
-        x = h2 if r.token_index is None else h2.index_select(0, r.token_index)  # [N, d]
+        packed = r.token_index is not None
+        x = h2.index_select(0, r.token_index) if packed else h2  # [N, d]
         todo = []
         for i, seg in enumerate(r.segments):
             views = self._views.get(seg.slot)
             v = views[p] if views is not None else None
             if v is not None:
-                a, b = r.packed_bounds[i] if r.token_index is not None else (seg.start * T, seg.stop * T)
+                a, b = r.packed_bounds[i] if packed else (seg.start * T, seg.stop * T)
                 todo.append((a, b, v))
         if not todo:
             return h
-        if len(todo) == 1 or len({v[4] for _, _, v in todo}) > 1:  # one task, or several activations
-            for a, b, (down_w, down_b, up_w, up_b, act) in todo:
-                xs = x[a:b]
-                xs.addmm_(act(torch.addmm(down_b, xs, down_w)), up_w).add_(up_b)
-        else:  # several tasks, one activation: a single activation call and one bias add for all of them
-            z = torch.empty(x.shape[0], self.bottleneck_capacity, device=x.device, dtype=x.dtype)
-            for a, b, (down_w, down_b, _, _, _) in todo:
-                torch.addmm(down_b, x[a:b], down_w, out=z[a:b, : down_w.shape[1]])
-            z = todo[0][2][4](z)  # rows outside `todo` hold garbage and are never read
+        # Down-projections and activations: z [N, m]; rows of segments without an adapter here hold garbage
+        # and are never read.
+        z = torch.empty(x.shape[0], self.bottleneck_capacity, device=x.device, dtype=x.dtype)
+        for a, b, (down_w, down_b, _, _, _) in todo:
+            torch.addmm(down_b, x[a:b], down_w, out=z[a:b, : down_w.shape[1]])
+        if len({v[4] for _, _, v in todo}) == 1:  # the usual case: one activation call for all tasks
+            z = todo[0][2][4](z)
+        else:
+            for a, b, (down_w, _, _, _, act) in todo:
+                z[a:b, : down_w.shape[1]] = act(z[a:b, : down_w.shape[1]])
+        if packed:  # the adapters' outputs y [N, d], added at the real tokens' places; 0 where no adapter
+            covered = sum(b - a for a, b, _ in todo) == x.shape[0]
+            y = torch.empty_like(x) if covered else torch.zeros_like(x)
+            for a, b, (down_w, _, up_w, up_b, _) in todo:
+                torch.addmm(up_b, z[a:b, : down_w.shape[1]], up_w, out=y[a:b])
+            h2.index_add_(0, r.token_index, y)
+        else:  # in place
             for a, b, (down_w, _, up_w, _, _) in todo:
                 x[a:b].addmm_(z[a:b, : down_w.shape[1]], up_w)
-            if r.token_slots is not None:  # up biases of slots without this point are zero
-                x.add_(self.up_b[p].index_select(0, r.token_slots))
-            else:
-                x.view(B, T, d).add_(self.up_b[p].index_select(0, r.row_slots).unsqueeze(1))
-        if r.token_index is not None:
-            h2.index_copy_(0, r.token_index, x)
+            h.add_(self.up_b[p].index_select(0, r.row_slots).unsqueeze(1))
         return h
 
     def _activate(self, z: torch.Tensor, r: Routing) -> torch.Tensor:

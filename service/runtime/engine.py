@@ -11,7 +11,7 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +46,21 @@ class RowResult:
     logits: torch.Tensor | None = None  # float32 CPU, kept only when asked (tests, evaluation)
 
 
-def default_strategy(device: torch.device) -> Strategy:
-    """Measured by bench/engine.py: per-task segment matmuls win on CPU (no weight gather), one batched
-    gather + bmm wins on CUDA (fewer kernel launches)."""
-    return "gather" if device.type == "cuda" else "segment"
+def default_strategy(device: torch.device, threads: int | None = None) -> Strategy:
+    """The faster way to mix tasks in one forward, as measured by bench/engine.py (docs/benchmarks.md).
+
+    CUDA: one gather of each row's weights + batched matmul (few kernel launches). CPU with one intra-op
+    thread per forward (the server's default on small machines: 2 workers x 1 thread): per-task segment
+    matmuls on the real tokens only. CPU with more threads per forward: gather + bmm, because small per-task
+    matmuls split badly across threads while a batched matmul hands whole rows to each thread."""
+    if device.type == "cuda":
+        return "gather"
+    return "segment" if (threads or torch.get_num_threads()) <= 1 else "gather"
 
 
 class Engine:
-    """Owns the backbone, the slot pool and the cache; runs mixed-task batches. One forward at a time."""
+    """Owns the backbone, the slot pool and the cache; runs mixed-task batches (several forwards may run at once,
+    one per batcher worker)."""
 
     def __init__(
         self,
@@ -71,7 +78,9 @@ class Engine:
         self.backbone = backbone
         self.store = store
         self.upload_max_bytes = upload_max_bytes
-        self.strategy: Strategy = default_strategy(backbone.device) if strategy == "auto" else strategy  # type: ignore[assignment]
+        if strategy not in ("auto", "segment", "gather"):
+            raise ValueError(f"unknown mixed-task strategy {strategy!r}")
+        self.strategy: Strategy | Literal["auto"] = strategy  # type: ignore[assignment]  # auto: chosen per forward
         self.encoder = Encoder(backbone.tokenizer, min(max_seq_length, backbone.max_length), backbone.uses_token_type_ids)
         self.pool = install_slot_pool(
             backbone.model, backbone.spec, cache_max_slots, device=backbone.device, dtype=backbone.dtype
@@ -163,6 +172,10 @@ class Engine:
                     self.cache.release(got)
         return results
 
+    def resolved_strategy(self) -> Strategy:
+        """The strategy the next forward uses (`auto` follows the device and this thread's torch threads)."""
+        return default_strategy(self.backbone.device) if self.strategy == "auto" else self.strategy
+
     def _forward(self, requests, live, entries, results, keep_logits) -> None:
         slot_of = [entries[(requests[i].task, requests[i].version)].slot if requests[i].task else NO_ADAPTER
                    for i in live]
@@ -171,7 +184,7 @@ class Engine:
         batch = self.encoder.collate(rows, self.backbone.device)
         mask = batch["attention_mask"]
         with torch.inference_mode():
-            routing = self.pool.routing(plan.segments, self.strategy, [len(r) for r in rows])
+            routing = self.pool.routing(plan.segments, self.resolved_strategy(), [len(r) for r in rows])
             with self.pool.route(routing):
                 hidden = self.backbone.model(**batch).last_hidden_state  # [B, T, d], rows sorted by slot
             pooled: dict[str, torch.Tensor] = {}  # pooling -> [B, d], computed once for all sequence heads

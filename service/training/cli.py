@@ -94,6 +94,9 @@ def _invocation(ctx: typer.Context, command: str) -> str:
 
 def _setup(threads: int | None, quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    from service.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as the service does: faster CPU forwards and backwards, same numbers
     if threads:
         import torch
 

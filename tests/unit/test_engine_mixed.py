@@ -12,7 +12,7 @@ from service.bundles.synthetic import random_tensors
 from service.errors import TaskNotFound, VersionNotFound
 from service.modeling.backbone import load_backbone
 from service.modeling.bottleneck import adapter_tensors, attach_adapters
-from service.runtime.engine import Engine, RowRequest
+from service.runtime.engine import Engine, RowRequest, default_strategy
 from tests.conftest import make_manifest
 
 ATOL = 1e-5
@@ -80,6 +80,31 @@ def test_mixed_batch_equals_each_row_alone_for_every_head_type(tiny_backbone, st
     assert (a - b).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize(("device", "threads", "expected"), [
+    ("cuda", 1, "gather"), ("cuda", 8, "gather"),  # few kernel launches
+    ("cpu", 1, "segment"),  # one thread per forward: per-task matmuls on real tokens only
+    ("cpu", 2, "gather"), ("cpu", 16, "gather"),  # batched matmuls split across threads, small ones do not
+])
+def test_auto_strategy_follows_the_device_and_threads_per_forward(device, threads, expected):
+    assert default_strategy(torch.device(device), threads) == expected
+
+
+def test_auto_strategy_is_chosen_per_forward_and_unknown_ones_are_refused(tiny_backbone, store):
+    engine = build_engine(tiny_backbone, store)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert engine.resolved_strategy() == "segment"
+        torch.set_num_threads(2)
+        assert engine.resolved_strategy() == "gather"
+    finally:
+        torch.set_num_threads(before)
+    engine.strategy = "segment"
+    assert engine.resolved_strategy() == "segment"
+    with pytest.raises(ValueError, match="strategy"):
+        Engine(tiny_backbone, store, strategy="fastest")
+
+
 @pytest.mark.parametrize("kind", ["roberta", "distilbert"])
 def test_mixed_batch_equals_alone_on_other_architectures(tiny_model_dirs, store, kind):
     backbone = load_backbone(str(tiny_model_dirs[kind]), device="cpu", dtype="float32")
@@ -103,7 +128,7 @@ def _hidden(engine: Engine, rows, slot: int) -> torch.Tensor:
 
     batch = engine.encoder.collate(rows, engine.backbone.device)
     with torch.inference_mode():
-        routing = engine.pool.routing([Segment(slot, 0, len(rows))], engine.strategy, [len(r) for r in rows])
+        routing = engine.pool.routing([Segment(slot, 0, len(rows))], engine.resolved_strategy(), [len(r) for r in rows])
         with engine.pool.route(routing):
             return engine.backbone.model(**batch).last_hidden_state.clone()
 

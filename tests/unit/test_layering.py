@@ -1,5 +1,6 @@
 """Imports point one way: api -> runtime -> modeling -> bundles -> settings/errors; cluster -> bundles;
-training -> modeling, bundles. modeling never imports FastAPI or redis."""
+training -> modeling, bundles; host_memory (process allocator tuning) sits beside settings/errors. modeling never
+imports FastAPI or redis."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ ALLOWED = {
     "modeling": {"modeling", "bundles", "settings", "errors"},
     "runtime": {"runtime", "modeling", "bundles", "settings", "errors"},
     "cluster": {"cluster", "bundles", "settings", "errors"},
-    "training": {"training", "modeling", "bundles", "settings", "errors", "runtime"},  # runtime: Engine re-scoring
-    "api": {"api", "runtime", "modeling", "bundles", "settings", "errors", "cluster", ""},  # "": service.__version__
+    "training": {"training", "modeling", "bundles", "settings", "errors", "host_memory", "runtime"},  # runtime: Engine re-scoring
+    "api": {"api", "runtime", "modeling", "bundles", "settings", "errors", "host_memory", "cluster", ""},  # "": service.__version__
 }
 FORBIDDEN_THIRD_PARTY = {"modeling": {"fastapi", "starlette", "redis", "uvicorn"},
                          "bundles": {"fastapi", "starlette", "redis", "uvicorn", "transformers"}}
