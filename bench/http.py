@@ -70,9 +70,11 @@ def stop(proc: subprocess.Popen) -> None:
 def inproc_mixed_seq_per_s(store_root: Path, names: list[str], n: int = 256, batch: int = 32, passes: int = 3) -> float:
     """The ceiling: the engine alone, mixed batches of 32 over the same kind of sentences (median of passes)."""
     from service.bundles.store import LocalAdapterStore
+    from service.host_memory import keep_freed_memory
     from service.modeling.backbone import load_backbone
     from service.runtime.engine import Engine, RowRequest
 
+    keep_freed_memory()  # set up as the server sets itself up
     engine = Engine(load_backbone(device="cpu"), LocalAdapterStore(store_root))
     sents = peer_sentences_module()
     texts, tasks = sents.make_sentences(n, seed=5), sents.draw_tasks(n, names, seed=6)

@@ -4,8 +4,9 @@ PyTorch's CPU tensors come from malloc. glibc serves large blocks with fresh `mm
 (and trims the heap top past 128 KiB), so every forward pass faults its activations in page by page again:
 ~13,000 page faults per batch of 32 sentences on MiniLM, each page zeroed by the kernel, and the faults of
 parallel threads queue on the process's memory map lock. Raising the mmap and trim thresholds keeps those
-blocks in the heap, as jemalloc or tcmalloc would: 10-17% faster CPU forwards with 2 threads
-(docs/benchmarks.md). The cost: the heap stays at its peak size instead of shrinking between batches.
+blocks in the heap, as jemalloc or tcmalloc would: 10-30% faster CPU forwards (bench/engine.py with and without
+`--keep-freed-memory`, docs/benchmarks.md). The cost: the heap stays at its peak size instead of shrinking
+between batches.
 """
 
 from __future__ import annotations
