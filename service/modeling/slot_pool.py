@@ -259,7 +259,7 @@ class SlotPool:
         """h [B, T, d] (output of the projection, rows sorted by slot) -> h + adapter(h), per row's slot."""
         if r.strategy == "gather":
             return self._apply_gather(p, h, r)
-        B, T, d = h.shape
+        _, T, d = h.shape
         h2 = h.view(-1, d)
         packed = r.token_index is not None
         x = h2.index_select(0, r.token_index) if packed else h2  # [N, d]
