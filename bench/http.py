@@ -7,7 +7,8 @@ ceiling, all measured in one run.
 mixed, seeded sentences of 8-30 words (the peer's generator), one request = one sentence. Each round runs,
 one after the other on the same machine: the in-process engine (mixed batches of 32), our server at each
 concurrency, the peer server at each concurrency. Servers never run at the same time. Ratios are taken
-within a round, then the median over rounds is reported.
+within a round, then the median over rounds is reported. Each load level also reports the cores the server
+and the client kept busy (CPU seconds per wall second), since both share the machine.
 
 The peer is ../shared/peers/adapterhub/server.py in its own venv (built by its setup.sh if missing) with
 16 tasks from its make_tasks.py, in its default configuration (`set_active_adapters` + forward under a
@@ -103,13 +104,27 @@ def ensure_peer(venv: Path, tasks_dir: Path, num_tasks: int) -> Path:
     return python
 
 
-def measure(url: str, names: list[str], levels: list[int], per_worker: int, seed: int) -> dict[int, dict]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(url: str, names: list[str], levels: list[int], per_worker: int, seed: int, server_pid: int) -> dict[int, dict]:
+    """Load at each concurrency; also the cores the server and this client (the load generator) kept busy,
+    since both share the machine: the server can use at most what the client leaves."""
     out = {}
     for c in levels:
+        wall0, client0, server0 = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
         result = asyncio.run(run_load(url, names, concurrency=c, requests=max(40, c * per_worker), seed=seed))
-        out[c] = result.summary()
+        wall = time.perf_counter() - wall0
+        out[c] = result.summary() | {
+            "server_cores_busy": round((cpu_seconds(server_pid) - server0) / wall, 2),
+            "client_cores_busy": round((time.process_time() - client0) / wall, 2),
+        }
         print(f"   c={c:<3} {out[c]['req_per_s']:>7.1f} req/s  p50 {out[c]['p50_ms']:>7.1f}  p90 {out[c]['p90_ms']:>7.1f}"
-              f"  p99 {out[c]['p99_ms']:>7.1f} ms  errors {out[c]['errors']}", flush=True)
+              f"  p99 {out[c]['p99_ms']:>7.1f} ms  errors {out[c]['errors']}  cores busy: server "
+              f"{out[c]['server_cores_busy']:.2f} client {out[c]['client_cores_busy']:.2f}", flush=True)
     return out
 
 
@@ -146,7 +161,7 @@ def main() -> None:
         proc = start(ours_cmd, ours_env, work / "ours.log")
         try:
             wait_http(f"http://127.0.0.1:{args.port}/readyz", proc, work / "ours.log")
-            ours = measure(f"http://127.0.0.1:{args.port}", names, levels, args.per_worker, seed=r)
+            ours = measure(f"http://127.0.0.1:{args.port}", names, levels, args.per_worker, seed=r, server_pid=proc.pid)
         finally:
             stop(proc)
         peer = None
@@ -157,7 +172,8 @@ def main() -> None:
                           "--port", str(port)], {"HF_HUB_OFFLINE": "1"}, work / "peer.log")
             try:
                 wait_http(f"http://127.0.0.1:{port}/health", proc, work / "peer.log")
-                peer = measure(f"http://127.0.0.1:{port}", names, levels, args.peer_per_worker, seed=r)
+                peer = measure(f"http://127.0.0.1:{port}", names, levels, args.peer_per_worker, seed=r,
+                               server_pid=proc.pid)
             finally:
                 stop(proc)
         rounds.append({"inproc_seq_per_s": round(inproc, 1), "ours": ours, "peer": peer})
