@@ -4,7 +4,8 @@ A batch closes when it has `max_batch_size` rows, when its padded tokens would e
 or when its oldest row has waited `max_wait_ms` (no wait when no other batch is running: nothing is
 gained by holding the only work back). Rows of similar length go together (less padding), and
 every batch includes the oldest waiting row (no starvation). Forwards run in `workers` threads (a batch
-is taken when a worker is free, so rows keep gathering while all are busy), and the event loop keeps
+is taken when a worker is free, so rows keep gathering while all are busy; workers free at the same time
+split the waiting rows between them), and the event loop keeps
 accepting and tokenising requests meanwhile. The queue is bounded: a full queue
 refuses new work with `Overloaded` instead of letting latency grow without limit.
 """
@@ -67,6 +68,7 @@ class Batcher:
         self._runs: set[asyncio.Task] = set()
         self.workers = workers
         self._free_workers: asyncio.Semaphore | None = None
+        self._busy = 0  # workers running a batch (event-loop side)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
         self._window = 4 * max_batch_size  # rows considered when grouping by length
 
@@ -122,17 +124,21 @@ class Batcher:
                 await self._wakeup.wait()
             # Wait for company only while another batch is running: an idle service answers at once, a
             # busy one lets rows gather (they would wait for a worker anyway).
-            deadline = self._queue[0].enqueued + self.max_wait if self._runs else loop.time()
+            deadline = self._queue[0].enqueued + self.max_wait if self._busy else loop.time()
             while not self._full() and (remaining := deadline - loop.time()) > 0:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
-            batch = self._take()
+            # Workers free besides this one share the queue: two idle CPU workers given 32 rows run 16 each
+            # at once instead of one running 32 while the other waits for rows that are all taken.
+            idle = self.workers - self._busy  # this one included
+            batch = self._take(limit=-(-len(self._queue) // max(1, idle)))
             if not batch:
                 self._free_workers.release()
                 continue
+            self._busy += 1
             run = asyncio.create_task(self._run(loop, batch))
             self._runs.add(run)
             run.add_done_callback(self._runs.discard)
@@ -143,14 +149,16 @@ class Batcher:
         longest = max(len(p.request.row) for p in self._queue)
         return longest * len(self._queue) >= self.max_batch_tokens
 
-    def _take(self) -> list[_Pending]:
-        """Remove and return the next batch: the oldest row plus rows of similar length from the window."""
+    def _take(self, limit: int | None = None) -> list[_Pending]:
+        """Remove and return the next batch (at most `limit` rows, and `max_batch_size`): the oldest row plus
+        rows of similar length from the window."""
         while self._queue and self._queue[0].future.done():  # cancelled by a disconnected client
             self._queue.popleft()
         window = [p for p in list(self._queue)[: self._window] if not p.future.done()]
         if not window:  # the queue held only cancelled rows
             return []
-        groups = pack_batches([len(p.request.row) for p in window], self.max_batch_size, self.max_batch_tokens)
+        max_rows = min(self.max_batch_size, limit or self.max_batch_size)
+        groups = pack_batches([len(p.request.row) for p in window], max_rows, self.max_batch_tokens)
         chosen = [window[i] for i in groups[0]]  # groups[0] holds window[0], the oldest row
         taken = set(map(id, chosen))
         self._queue = deque(p for p in self._queue if id(p) not in taken and not p.future.done())
@@ -167,6 +175,7 @@ class Batcher:
                     p.future.set_exception(exc)
             return
         finally:
+            self._busy -= 1
             self._free_workers.release()
         for p, r in zip(batch, results):
             if not p.future.done():

@@ -95,6 +95,32 @@ def test_rows_gather_while_every_worker_is_busy():
     assert engine.batches == [["a"], ["t0", "t1", "t2", "t3", "t4"]]
 
 
+@pytest.mark.parametrize(("workers", "sizes"), [(1, [32]), (2, [16, 16]), (3, [11, 11, 10]), (4, [8, 8, 8, 8])])
+def test_idle_workers_split_the_waiting_rows(workers, sizes):
+    engine = FakeEngine(seconds=0.1)
+
+    async def go(b):
+        return await b.submit([RowRequest(f"t{i}", 1, row()) for i in range(32)])
+
+    results = asyncio.run(with_batcher(engine, go, workers=workers, max_batch_size=32, max_wait_ms=0))
+    assert [r.prediction["task"] for r in results] == [f"t{i}" for i in range(32)]
+    assert [len(b) for b in engine.batches] == sizes
+    assert engine.max_running == workers
+
+
+def test_a_worker_freed_while_others_run_takes_the_whole_queue():
+    engine = FakeEngine(seconds=0.3)
+
+    async def go(b):
+        first = asyncio.create_task(b.submit([RowRequest("a", 1, row())]))
+        await asyncio.sleep(0.05)  # one worker busy, one free: the next rows are not held back for the busy one
+        rest = asyncio.create_task(b.submit([RowRequest(f"t{i}", 1, row()) for i in range(6)]))
+        return await asyncio.gather(first, rest)
+
+    asyncio.run(with_batcher(engine, go, workers=2, max_batch_size=32, max_wait_ms=0))
+    assert [len(b) for b in engine.batches] == [1, 6]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_stop_fails_waiting_rows_and_finishes_running_ones(workers):
     engine = FakeEngine(seconds=0.2)
