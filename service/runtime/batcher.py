@@ -4,8 +4,8 @@ A batch closes when it has `max_batch_size` rows, when its padded tokens would e
 or when its oldest row has waited `max_wait_ms` (no wait when no other batch is running: nothing is
 gained by holding the only work back). Rows of similar length go together (less padding), and
 every batch includes the oldest waiting row (no starvation). Forwards run in `workers` threads (a batch
-is taken when a worker is free, so rows keep gathering while all are busy; workers free at the same time
-split the waiting rows between them), and the event loop keeps
+is taken when a worker is free, so rows keep gathering while all are busy; a batch takes at most a
+fair share of the rows waiting and running, so the workers' batches stay level), and the event loop keeps
 accepting and tokenising requests meanwhile. The queue is bounded: a full queue
 refuses new work with `Overloaded` instead of letting latency grow without limit.
 """
@@ -69,6 +69,7 @@ class Batcher:
         self.workers = workers
         self._free_workers: asyncio.Semaphore | None = None
         self._busy = 0  # workers running a batch (event-loop side)
+        self._running_rows = 0  # rows in those batches
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
         self._window = 4 * max_batch_size  # rows considered when grouping by length
 
@@ -131,14 +132,16 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
-            # Workers free besides this one share the queue: two idle CPU workers given 32 rows run 16 each
-            # at once instead of one running 32 while the other waits for rows that are all taken.
-            idle = self.workers - self._busy  # this one included
-            batch = self._take(limit=-(-len(self._queue) // max(1, idle)))
+            # A fair share of the rows in the service (waiting + running), so the workers' batches stay
+            # level: a burst of 32 rows on 2 idle CPU workers runs as 16 + 16 at once, not 32 on one core
+            # while the other has nothing; a worker next to a small running batch leaves it some rows.
+            share = -(-(len(self._queue) + self._running_rows) // self.workers)
+            batch = self._take(limit=share)
             if not batch:
                 self._free_workers.release()
                 continue
             self._busy += 1
+            self._running_rows += len(batch)
             run = asyncio.create_task(self._run(loop, batch))
             self._runs.add(run)
             run.add_done_callback(self._runs.discard)
@@ -176,6 +179,7 @@ class Batcher:
             return
         finally:
             self._busy -= 1
+            self._running_rows -= len(batch)
             self._free_workers.release()
         for p, r in zip(batch, results):
             if not p.future.done():

@@ -108,16 +108,29 @@ def test_idle_workers_split_the_waiting_rows(workers, sizes):
     assert engine.max_running == workers
 
 
-def test_a_worker_freed_while_others_run_takes_the_whole_queue():
+def test_a_worker_beside_a_small_running_batch_leaves_it_a_share():
     engine = FakeEngine(seconds=0.3)
 
     async def go(b):
         first = asyncio.create_task(b.submit([RowRequest("a", 1, row())]))
-        await asyncio.sleep(0.05)  # one worker busy, one free: the next rows are not held back for the busy one
+        await asyncio.sleep(0.05)  # one worker runs 1 row; 6 more come: 7 rows in the service, 4 per worker
         rest = asyncio.create_task(b.submit([RowRequest(f"t{i}", 1, row()) for i in range(6)]))
         return await asyncio.gather(first, rest)
 
-    asyncio.run(with_batcher(engine, go, workers=2, max_batch_size=32, max_wait_ms=0))
+    first, rest = asyncio.run(with_batcher(engine, go, workers=2, max_batch_size=32, max_wait_ms=0))
+    assert [r.prediction["task"] for r in first + rest] == ["a"] + [f"t{i}" for i in range(6)]
+    assert engine.batches == [["a"], ["t0", "t1", "t2", "t3"], ["t4", "t5"]]
+
+
+def test_a_single_worker_takes_every_waiting_row():
+    engine = FakeEngine(seconds=0.2)
+
+    async def go(b):
+        first = asyncio.create_task(b.submit([RowRequest("a", 1, row())]))
+        await asyncio.sleep(0.05)
+        return await asyncio.gather(first, b.submit([RowRequest(f"t{i}", 1, row()) for i in range(6)]))
+
+    asyncio.run(with_batcher(engine, go, workers=1, max_batch_size=32, max_wait_ms=0))
     assert [len(b) for b in engine.batches] == [1, 6]
 
 
