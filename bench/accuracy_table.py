@@ -72,12 +72,13 @@ def table(runs: dict[tuple[str, str], dict]) -> str:
 
 
 def sweep_table(folder: Path) -> str:
-    """One row per extra run in `folder` (the learning-rate / LayerNorm checks), best epoch first."""
+    """One row per extra run in `folder` (learning-rate, LayerNorm and seed checks), scored by the task's
+    first metric."""
     lines = ["| run | mode | epochs | lr | adapter m | task LayerNorms | grad clip | per epoch | best | train min |",
              "|---|---|---:|---:|---:|---|---|---|---:|---:|"]
     for path in sorted(folder.glob("*.json")):
         run = json.loads(path.read_text())
-        cfg, key = run["config"], "accuracy"
+        cfg, key = run["config"], TASKS[run["task"]][1][0][0]  # the task's first metric, as in the main table
         per_epoch = ", ".join(pct(e["metrics"].get(key)) for e in run["history"])
         adapter = run["mode"] == "adapter"
         layernorm = "yes" if cfg["train_layernorm"] and adapter else "no"
