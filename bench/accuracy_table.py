@@ -72,13 +72,14 @@ def table(runs: dict[tuple[str, str], dict]) -> str:
 
 
 def sweep_table(folder: Path) -> str:
-    """One row per extra run in `folder` (learning-rate, LayerNorm and seed checks), scored by the task's
-    first metric."""
+    """One row per extra run in `folder` (learning-rate, LayerNorm and seed checks), scored by the metric
+    that picked its best epoch."""
     lines = ["| run | mode | epochs | lr | adapter m | task LayerNorms | grad clip | per epoch | best | train min |",
              "|---|---|---:|---:|---:|---|---|---|---:|---:|"]
     for path in sorted(folder.glob("*.json")):
         run = json.loads(path.read_text())
-        cfg, key = run["config"], TASKS[run["task"]][1][0][0]  # the task's first metric, as in the main table
+        cfg = run["config"]
+        key = cfg.get("metric") or TASKS[run["task"]][1][0][0]  # the metric that picked the best epoch
         per_epoch = ", ".join(pct(e["metrics"].get(key)) for e in run["history"])
         adapter = run["mode"] == "adapter"
         layernorm = "yes" if cfg["train_layernorm"] and adapter else "no"
