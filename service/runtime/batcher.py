@@ -68,8 +68,7 @@ class Batcher:
         self._runs: set[asyncio.Task] = set()
         self.workers = workers
         self._free_workers: asyncio.Semaphore | None = None
-        self._busy = 0  # workers running a batch (event-loop side)
-        self._running_rows = 0  # rows in those batches
+        self._running_rows = 0  # rows in the batches the workers are running (event-loop side)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
         self._window = 4 * max_batch_size  # rows considered when grouping by length
 
@@ -125,7 +124,7 @@ class Batcher:
                 await self._wakeup.wait()
             # Wait for company only while another batch is running: an idle service answers at once, a
             # busy one lets rows gather (they would wait for a worker anyway).
-            deadline = self._queue[0].enqueued + self.max_wait if self._busy else loop.time()
+            deadline = self._queue[0].enqueued + self.max_wait if self._running_rows else loop.time()
             while not self._full() and (remaining := deadline - loop.time()) > 0:
                 self._wakeup.clear()
                 try:
@@ -136,11 +135,10 @@ class Batcher:
             # level: a burst of 32 rows on 2 idle CPU workers runs as 16 + 16 at once, not 32 on one core
             # while the other has nothing; a worker next to a small running batch leaves it some rows.
             share = -(-(len(self._queue) + self._running_rows) // self.workers)
-            batch = self._take(limit=share)
+            batch = self._take(share)
             if not batch:
                 self._free_workers.release()
                 continue
-            self._busy += 1
             self._running_rows += len(batch)
             run = asyncio.create_task(self._run(loop, batch))
             self._runs.add(run)
@@ -152,7 +150,7 @@ class Batcher:
         longest = max(len(p.request.row) for p in self._queue)
         return longest * len(self._queue) >= self.max_batch_tokens
 
-    def _take(self, limit: int | None = None) -> list[_Pending]:
+    def _take(self, limit: int) -> list[_Pending]:
         """Remove and return the next batch (at most `limit` rows, and `max_batch_size`): the oldest row plus
         rows of similar length from the window."""
         while self._queue and self._queue[0].future.done():  # cancelled by a disconnected client
@@ -160,8 +158,8 @@ class Batcher:
         window = [p for p in list(self._queue)[: self._window] if not p.future.done()]
         if not window:  # the queue held only cancelled rows
             return []
-        max_rows = min(self.max_batch_size, limit or self.max_batch_size)
-        groups = pack_batches([len(p.request.row) for p in window], max_rows, self.max_batch_tokens)
+        groups = pack_batches([len(p.request.row) for p in window], min(self.max_batch_size, limit),
+                              self.max_batch_tokens)
         chosen = [window[i] for i in groups[0]]  # groups[0] holds window[0], the oldest row
         taken = set(map(id, chosen))
         self._queue = deque(p for p in self._queue if id(p) not in taken and not p.future.done())
@@ -178,7 +176,6 @@ class Batcher:
                     p.future.set_exception(exc)
             return
         finally:
-            self._busy -= 1
             self._running_rows -= len(batch)
             self._free_workers.release()
         for p, r in zip(batch, results):
