@@ -47,6 +47,33 @@ def build(args):
     return backbone, store, engine, names
 
 
+def time_adapters(engine: Engine, modes: dict, batches: list[list[int]]) -> dict[str, float]:
+    """One untimed-by-the-table pass per adapter mode, with a wall-clock timer around every
+    SlotPool.apply_adapters call: the fraction of the mode's time spent applying adapters."""
+    pool, inner = engine.pool, engine.pool.apply_adapters
+    spent = [0.0]
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return inner(*a, **kw)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    pool.apply_adapters = timed  # an instance attribute shadows the method for this pool only
+    try:
+        share = {}
+        for name in ("single_task", "mixed_segment", "mixed_gather"):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            for b in batches:
+                modes[name](b)
+            share[name] = round(spent[0] / (time.perf_counter() - t0), 4)
+        return share
+    finally:
+        del pool.apply_adapters
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=16)
@@ -60,6 +87,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads [default: what the service gives each forward worker on this "
                     "machine: the cores / 2 workers on CPU, torch's own on GPU]")
+    ap.add_argument("--time-adapters", action="store_true",
+                    help="after the timed passes, one more pass per adapter mode with a timer around the adapters "
+                    "(SlotPool.apply_adapters): their share of the forward's time")
     ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                     help="tune the host allocator as the service does (ADAPTER_SERVICE_KEEP_FREED_HOST_MEMORY)")
     args = ap.parse_args()
@@ -122,6 +152,8 @@ def main() -> None:
     def ratio(mode: str, base: str = "backbone_only") -> float:
         return round(median([t[base] / t[mode] for t in pass_times]), 3)
 
+    adapter_share = time_adapters(engine, modes, batches) if args.time_adapters else None
+
     # Cold loads: evict every task, then time each first acquire (store read + validation + slot copy).
     loads: list[float] = []
     for _ in range(args.cold_rounds):
@@ -146,6 +178,7 @@ def main() -> None:
         "ratio_backbone_only_over_hf_plain": ratio("backbone_only", "hf_plain_backbone"),
         "torch_threads": torch.get_num_threads(), "host_allocator_tuned": allocator_tuned,
         "auto_strategy": default_strategy(backbone.device),
+        "adapter_time_share": adapter_share,
         "cold_load_ms": {"p50": round(percentile(loads, 50) * 1e3, 2), "p99": round(percentile(loads, 99) * 1e3, 2),
                          "n": len(loads)},
     }
@@ -156,6 +189,9 @@ def main() -> None:
     print(f"mixed-16 / backbone-only with the strategy auto picks here ({auto}): "
           f"{report['ratio_vs_backbone_only']['mixed_' + auto]:.3f}")
     print(f"torch threads {report['torch_threads']}, host allocator tuned: {allocator_tuned}")
+    if adapter_share:
+        print("share of the forward's time in the adapters: "
+              + ", ".join(f"{k} {v * 100:.1f}%" for k, v in adapter_share.items()))
     print(f"cold load ms p50 {report['cold_load_ms']['p50']}  p99 {report['cold_load_ms']['p99']}  (n={len(loads)})")
     print(json.dumps(report))
 
