@@ -75,5 +75,9 @@ class NotReady(ServiceError):
     """The service is starting or shutting down."""
 
 
+class ConfigurationError(ServiceError):
+    """Settings that cannot work (e.g. a cache budget that holds no adapter): refused at start-up."""
+
+
 class BackboneLoadError(ServiceError):
     """The backbone could not be loaded (unknown id, not available offline, unsupported architecture)."""

@@ -60,10 +60,16 @@ class ServiceSettings(BaseSettings):
         None, description="Redis URL for the shared registry and store (scale-out). Unset: the local store is used."
     )
     cache_max_bytes: int = Field(
-        512 * MIB, ge=1 * MIB, description="Bytes of adapter + head weights resident on the device, at most."
+        512 * MIB, ge=1 * MIB, description="Bytes of adapter + head weights resident on the device, at most. A "
+        "budget that cannot hold the largest stored task (or one default adapter) is refused at start-up."
     )
     cache_max_slots: int = Field(
         64, ge=1, le=4096, description="Adapters resident on the device at once, at most (slot pool size)."
+    )
+    cache_wait_s: float = Field(
+        30.0, gt=0, le=600, description="How long a load may wait for a device slot while every resident adapter "
+        "is pinned by in-flight batches (an upload's smoke test, for one); past it the request gets 503 with "
+        "Retry-After. Batches are formed to fit the cache, so requests wait in the queue instead of here."
     )
     upload_max_bytes: int = Field(64 * MIB, ge=1024, description="Largest bundle accepted, in bytes.")
 

@@ -31,7 +31,7 @@ from service.errors import StoreUnavailable
 from service.host_memory import keep_freed_memory
 from service.modeling.backbone import Backbone, load_backbone
 from service.runtime.adapters import AdapterManager
-from service.runtime.batcher import Batcher
+from service.runtime.batcher import Batcher, CacheBudget
 from service.runtime.engine import Engine
 from service.runtime.registry import TaskRegistry, TaskView
 from service.settings import ServiceSettings
@@ -98,7 +98,7 @@ def create_app(
         svc.store = store or make_store(settings)
         engine = Engine(
             bb, svc.store, cache_max_bytes=settings.cache_max_bytes, cache_max_slots=settings.cache_max_slots,
-            max_seq_length=settings.max_seq_length, strategy=settings.mixed_strategy,
+            cache_wait_s=settings.cache_wait_s, max_seq_length=settings.max_seq_length, strategy=settings.mixed_strategy,
             upload_max_bytes=settings.upload_max_bytes, on_adapter_load=metrics.observe_load,
         )
 
@@ -117,16 +117,18 @@ def create_app(
             await run_in_threadpool(registry.refresh_all)
         except StoreUnavailable as exc:  # serve what we can; resync fills the registry once the store is back
             log.error("adapter store unavailable at start: %s", exc.message)
+        engine.check_cache_budget([view.manifest for view in registry.snapshot().values()])
         batcher = Batcher(
             engine, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
             max_wait_ms=settings.max_wait_ms, queue_limit=settings.queue_limit, workers=workers,
-            on_batch=metrics.observe_batch,
+            budget=CacheBudget(engine.cache.max_slots, engine.cache.max_bytes), on_batch=metrics.observe_batch,
         )
         # With Redis, the store itself publishes every write (after it is durable); the sync follows them.
         svc.cluster = _start_cluster(settings, svc.store, registry)
         svc.manager = AdapterManager(svc.store, engine, registry)
         svc.engine, svc.registry, svc.batcher = engine, registry, batcher
-        metrics.bind(cache_stats=lambda: engine.cache.stats, queue_depth=lambda: batcher.depth)
+        metrics.bind(cache_stats=lambda: engine.cache.stats, queue_depth=lambda: batcher.depth,
+                     waiting_for_slot=lambda: batcher.waiting_for_slot)
         await batcher.start()
         log.info("ready: backbone %s on %s, %d tasks", bb.ref.id, bb.device, len(registry.snapshot()))
         try:

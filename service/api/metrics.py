@@ -30,6 +30,13 @@ class _CacheCollector(Collector):
             CounterMetricFamily("adapter_service_cache_misses", "Adapter cache misses (loads)", value=s.misses),
             CounterMetricFamily("adapter_service_cache_evictions", "Adapters evicted from the device", value=s.evictions),
             CounterMetricFamily("adapter_service_cache_load_failures", "Adapter loads that failed", value=s.load_failures),
+            CounterMetricFamily("adapter_service_cache_slot_waits", "Loads that waited for a pinned slot to be released",
+                                value=s.slot_waits),
+            CounterMetricFamily("adapter_service_cache_slot_wait_seconds", "Seconds loads waited for a slot",
+                                value=s.slot_wait_seconds_total),
+            CounterMetricFamily("adapter_service_cache_slot_wait_timeouts",
+                                "Loads that found no slot within ADAPTER_SERVICE_CACHE_WAIT_S (answered 503)",
+                                value=s.slot_wait_timeouts),
             GaugeMetricFamily("adapter_service_cache_resident_bytes", "Adapter + head bytes on the device",
                               value=s.resident_bytes),
             GaugeMetricFamily("adapter_service_cache_resident_adapters", "Tasks resident on the device",
@@ -54,15 +61,26 @@ class Metrics:
         self.batch_seconds = Histogram("adapter_service_batch_seconds", "Seconds per backbone forward",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("adapter_service_queue_depth", "Rows waiting for a forward", registry=r)
+        self.waiting_for_slot = Gauge("adapter_service_rows_waiting_for_slot",
+                                      "Queued rows kept out of a batch because their task did not fit the device "
+                                      "cache beside the running batches' tasks", registry=r)
+        self.admission_wait = Histogram("adapter_service_admission_wait_seconds",
+                                        "Seconds a row waited from first being kept out by the cache budget to "
+                                        "its batch", buckets=LATENCY_BUCKETS, registry=r)
+        self.batches_cut_short = Counter("adapter_service_batches_cut_short",
+                                         "Batches that left rows of other tasks queued because the device cache "
+                                         "could not hold their tasks too", registry=r)
         self.load_seconds = Histogram("adapter_service_adapter_load_seconds", "Seconds to load one adapter",
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
         self._cache_stats: Callable[[], CacheStats | None] = lambda: None
         r.register(_CacheCollector(lambda: self._cache_stats()))
 
-    def bind(self, *, cache_stats: Callable[[], CacheStats], queue_depth: Callable[[], int]) -> None:
+    def bind(self, *, cache_stats: Callable[[], CacheStats], queue_depth: Callable[[], int],
+             waiting_for_slot: Callable[[], int]) -> None:
         """Attach the live runtime (called once it exists)."""
         self._cache_stats = cache_stats
         self.queue_depth.set_function(queue_depth)
+        self.waiting_for_slot.set_function(waiting_for_slot)
 
     def observe_request(self, task: str, status: int, seconds: float) -> None:
         self.requests.labels(task, str(status)).inc()
@@ -73,6 +91,10 @@ class Metrics:
         self.batch_tokens.observe(stats.padded_tokens)
         self.batch_tasks.observe(stats.tasks)
         self.batch_seconds.observe(stats.seconds)
+        if stats.cut_short:
+            self.batches_cut_short.inc()
+        for seconds in stats.admission_waits:
+            self.admission_wait.observe(seconds)
 
     def observe_load(self, entry, seconds: float) -> None:
         self.load_seconds.observe(seconds)

@@ -42,7 +42,7 @@ async def predict(
         s = svc.settings
         texts, pairs = body.inputs(view.manifest.head_type, max_items=s.max_items_per_request, max_chars=s.max_text_chars)
         rows = svc.engine.encode(view.manifest, texts, pairs)
-        results = await svc.batcher.submit([RowRequest(task, view.version, r) for r in rows])
+        results = await svc.batcher.submit(svc.engine.requests(task, view.version, view.manifest, rows))
         for r in results:
             if r.error is not None:
                 raise r.error

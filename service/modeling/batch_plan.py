@@ -2,12 +2,13 @@
 
 `plan_batch` sorts one batch's rows by slot so that every task is one contiguous segment (LoRAX
 `segments.py`); `pack_batches` cuts a queue of rows into batches under a row and padded-token budget,
-grouping rows of similar length to limit padding.
+grouping rows of similar length to limit padding; `admit_rows` keeps out of a batch the rows whose tasks
+would not fit the device cache beside what running batches hold (S-LoRA / vLLM `max_loras` admission).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -68,3 +69,42 @@ def pack_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list
     if current:
         batches.append(current)
     return sorted(batches, key=min)
+
+
+@dataclass(frozen=True)
+class Admission:
+    rows: tuple[int, ...]  # admitted rows (indices into the caller's list), in the caller's order
+    refused: tuple[int, ...]  # rows left waiting: their task did not fit beside the ones admitted or held
+
+
+def admit_rows(
+    keys: Sequence[Hashable | None], costs: Sequence[int], held: Mapping[Hashable, int], *, slots: int,
+    max_bytes: int,
+) -> Admission:
+    """The rows (oldest first) whose tasks fit the device cache: at most `slots` distinct tasks and
+    `max_bytes` of their weights, counting the tasks `held` (task -> bytes) by batches already running.
+
+    A row's `keys[i]` names its task version (None: no adapter, always admitted) and `costs[i]` what that
+    task takes on the device. A held task costs nothing more; a task larger than the whole `max_bytes` is
+    admitted (it can never fit: its load fails for its own rows, with the reason). The oldest row (row 0)
+    goes first: when its task does not fit, nothing is admitted, so that it waits only for running batches
+    to finish and no younger row can take the room it needs (no starvation of a rare task under a flood).
+    """
+    free_slots = slots - len(held)
+    free_bytes = max_bytes - sum(held.values())
+    admitted: set[Hashable] = set()
+    rows: list[int] = []
+    refused: list[int] = []
+    for i, key in enumerate(keys):
+        if key is None or key in held or key in admitted or costs[i] > max_bytes:
+            rows.append(i)
+        elif free_slots >= 1 and costs[i] <= free_bytes:
+            admitted.add(key)
+            free_slots -= 1
+            free_bytes -= costs[i]
+            rows.append(i)
+        elif i == 0:
+            return Admission((), tuple(range(len(keys))))
+        else:
+            refused.append(i)
+    return Admission(tuple(rows), tuple(refused))

@@ -3,7 +3,10 @@
 A batch closes when it has `max_batch_size` rows, when its padded tokens would exceed `max_batch_tokens`,
 or when its oldest row has waited `max_wait_ms` (no wait when no other batch is running: nothing is
 gained by holding the only work back). Rows of similar length go together (less padding), and
-every batch includes the oldest waiting row (no starvation). Forwards run in `workers` threads (a batch
+every batch includes the oldest waiting row (no starvation). With a `CacheBudget`, a batch admits only
+rows whose tasks fit the device cache beside the tasks the running batches hold (`admit_rows`); the others
+stay queued in arrival order, and when the oldest row's task does not fit, no batch starts until a running
+one finishes, so a small cache makes requests wait, never fail, and a rare task is not starved. Forwards run in `workers` threads (a batch
 is taken when a worker is free, so rows keep gathering while all are busy; a batch takes at most a
 fair share of the rows waiting and running, so the workers' batches stay level), and the event loop keeps
 accepting and tokenising requests meanwhile. The queue is bounded: a full queue
@@ -15,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from service.errors import NotReady, Overloaded
-from service.modeling.batch_plan import pack_batches
+from service.modeling.batch_plan import admit_rows, pack_batches
 from service.runtime.engine import Engine, RowRequest, RowResult
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,16 @@ class BatchStats:
     padded_tokens: int
     tasks: int
     seconds: float
+    cut_short: bool = False  # rows of other tasks were kept out because the cache could not hold them too
+    admission_waits: tuple[float, ...] = ()  # seconds each row of it waited after first being kept out
+
+
+@dataclass(frozen=True)
+class CacheBudget:
+    """What the device cache holds at most: distinct task versions (slots) and their bytes."""
+
+    slots: int
+    max_bytes: int
 
 
 @dataclass(eq=False)
@@ -42,6 +55,7 @@ class _Pending:
     request: RowRequest
     future: asyncio.Future
     enqueued: float  # loop time
+    kept_out: float | None = None  # loop time it was first kept out of a batch by the cache budget
 
 
 class Batcher:
@@ -54,6 +68,7 @@ class Batcher:
         max_wait_ms: float = 5.0,
         queue_limit: int = 2048,
         workers: int = 1,
+        budget: CacheBudget | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
     ):
         self.engine = engine
@@ -69,6 +84,9 @@ class Batcher:
         self.workers = workers
         self._free_workers: asyncio.Semaphore | None = None
         self._running_rows = 0  # rows in the batches the workers are running (event-loop side)
+        self.budget = budget
+        self._held: Counter[tuple[str, int]] = Counter()  # task versions of the running batches -> batches
+        self._held_bytes: dict[tuple[str, int], int] = {}
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
         self._window = 4 * max_batch_size  # rows considered when grouping by length
 
@@ -76,6 +94,11 @@ class Batcher:
     def depth(self) -> int:
         """Rows waiting for a forward."""
         return len(self._queue)
+
+    @property
+    def waiting_for_slot(self) -> int:
+        """Queued rows that the cache budget has kept out of a batch at least once."""
+        return sum(1 for p in self._queue if p.kept_out is not None)
 
     @property
     def running(self) -> bool:
@@ -135,12 +158,18 @@ class Batcher:
             # level: a burst of 32 rows on 2 idle CPU workers runs as 16 + 16 at once, not 32 on one core
             # while the other has nothing; a worker next to a small running batch leaves it some rows.
             share = -(-(len(self._queue) + self._running_rows) // self.workers)
-            batch = self._take(share)
+            batch, cut_short = self._take(share, loop.time())
             if not batch:
                 self._free_workers.release()
+                if cut_short:  # the oldest row's task does not fit: wait for a running batch to finish
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
                 continue
             self._running_rows += len(batch)
-            run = asyncio.create_task(self._run(loop, batch))
+            for key in {p.request.key for p in batch} - {None}:
+                self._held[key] += 1
+                self._held_bytes[key] = next(p.request.footprint for p in batch if p.request.key == key)
+            run = asyncio.create_task(self._run(loop, batch, cut_short))
             self._runs.add(run)
             run.add_done_callback(self._runs.discard)
 
@@ -150,23 +179,37 @@ class Batcher:
         longest = max(len(p.request.row) for p in self._queue)
         return longest * len(self._queue) >= self.max_batch_tokens
 
-    def _take(self, limit: int) -> list[_Pending]:
+    def _take(self, limit: int, now: float) -> tuple[list[_Pending], bool]:
         """Remove and return the next batch (at most `limit` rows, and `max_batch_size`): the oldest row plus
-        rows of similar length from the window."""
+        rows of similar length from the window whose tasks fit the cache budget; and whether the budget kept
+        rows out. An empty batch with rows still queued means the oldest row's task does not fit yet."""
         while self._queue and self._queue[0].future.done():  # cancelled by a disconnected client
             self._queue.popleft()
         window = [p for p in list(self._queue)[: self._window] if not p.future.done()]
-        if not window:  # the queue held only cancelled rows
-            return []
-        groups = pack_batches([len(p.request.row) for p in window], min(self.max_batch_size, limit),
+        if not window:  # the window held only cancelled rows
+            self._queue = deque(p for p in self._queue if not p.future.done())
+            return [], False
+        candidates, refused = window, []
+        if self.budget is not None:
+            held = {k: self._held_bytes[k] for k in self._held}
+            admission = admit_rows([p.request.key for p in window], [p.request.footprint for p in window], held,
+                                   slots=self.budget.slots, max_bytes=self.budget.max_bytes)
+            candidates = [window[i] for i in admission.rows]
+            refused = [window[i] for i in admission.refused]
+            for p in refused:
+                if p.kept_out is None:
+                    p.kept_out = now
+            if not candidates:
+                return [], True
+        groups = pack_batches([len(p.request.row) for p in candidates], min(self.max_batch_size, limit),
                               self.max_batch_tokens)
-        chosen = [window[i] for i in groups[0]]  # groups[0] holds window[0], the oldest row
+        chosen = [candidates[i] for i in groups[0]]  # groups[0] holds candidates[0], the oldest row
         taken = set(map(id, chosen))
         self._queue = deque(p for p in self._queue if id(p) not in taken and not p.future.done())
-        return chosen
+        return chosen, bool(refused)
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
-        t0 = time.perf_counter()
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], cut_short: bool) -> None:
+        t0, started = time.perf_counter(), loop.time()
         try:
             results = await loop.run_in_executor(self._executor, self.engine.run, [p.request for p in batch])
         except Exception as exc:  # a bug in the engine: fail this batch, keep serving
@@ -177,11 +220,18 @@ class Batcher:
             return
         finally:
             self._running_rows -= len(batch)
+            for key in {p.request.key for p in batch} - {None}:
+                self._held[key] -= 1
+                if not self._held[key]:
+                    del self._held[key], self._held_bytes[key]
             self._free_workers.release()
+            self._wakeup.set()  # rows kept out by the cache budget may fit now
         for p, r in zip(batch, results):
             if not p.future.done():
                 p.future.set_result(r)
         if self._on_batch is not None:
             longest = max(len(p.request.row) for p in batch)
             tasks = len({(p.request.task, p.request.version) for p in batch})
-            self._on_batch(BatchStats(len(batch), longest * len(batch), tasks, time.perf_counter() - t0))
+            waits = tuple(started - p.kept_out for p in batch if p.kept_out is not None)
+            self._on_batch(BatchStats(len(batch), longest * len(batch), tasks, time.perf_counter() - t0,
+                                      cut_short, waits))

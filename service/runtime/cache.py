@@ -3,21 +3,26 @@
 - The cache owns the task -> slot map; layers only see slot indices.
 - Lazy: a task loads on first use; one load per key at a time (per-key lock, checked again after taking it).
 - Entries pinned by in-flight batches are never evicted; eviction is a callback of the LRU.
+- A load that finds every slot (or byte) pinned waits for a release, up to `admission_timeout_s`, instead
+  of failing: the batcher admits only batches that fit (`service.runtime.batcher`), so such waits are short
+  (an upload's smoke test or a pre-load holding a slot for one forward).
 - Keys include the version, so a new version is never served from an old version's weights.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
 
 from service.bundles.codec import Bundle
+from service.bundles.layout import expected_shapes
 from service.bundles.manifest import Manifest
 from service.errors import CacheFull
 from service.modeling.heads import TaskHead, build_head
@@ -31,8 +36,7 @@ class EntryState(Enum):
 
     LOADING = "loading"  # slot reserved, weights being copied in
     READY = "ready"  # servable
-    EVICTED = "evicted"  # slot returned to the pool; the entry object is dead
-    FAILED = "failed"  # load raised; `error` says why
+    EVICTED = "evicted"  # slot returned to the pool (evicted, or its load failed); the entry object is dead
 
 
 @dataclass(eq=False)
@@ -46,7 +50,6 @@ class CacheEntry:
     state: EntryState = EntryState.LOADING
     pins: int = 0
     doomed: bool = False  # evict as soon as the last pin is released (task deleted)
-    error: BaseException | None = None
 
     @property
     def key(self) -> Key:
@@ -60,9 +63,18 @@ class CacheStats:
     evictions: int = 0
     load_failures: int = 0
     load_seconds_total: float = 0.0
-    recent_load_seconds: deque = field(default_factory=lambda: deque(maxlen=1024))
+    slot_waits: int = 0  # loads that found every slot or byte pinned and waited for a release
+    slot_wait_seconds_total: float = 0.0
+    slot_wait_timeouts: int = 0  # waits that ran out of `admission_timeout_s` (answered CacheFull)
     resident_bytes: int = 0
     resident_entries: int = 0
+
+
+def footprint(manifest: Manifest, dtype: torch.dtype) -> int:
+    """Device bytes one task's adapter + head take in the cache when computed in `dtype` (what the byte
+    budget counts; known from the manifest alone, so the batcher can plan with it before a load)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return itemsize * sum(math.prod(shape) for shape in expected_shapes(manifest).values())
 
 
 class AdapterCache:
@@ -79,6 +91,7 @@ class AdapterCache:
         dtype: torch.dtype,
         on_evict: Callable[[CacheEntry], None] | None = None,
         on_load: Callable[[CacheEntry, float], None] | None = None,
+        admission_timeout_s: float = 30.0,
     ):
         if max_slots > pool.num_slots - 1:
             raise ValueError(f"max_slots {max_slots} exceeds the pool's {pool.num_slots - 1} slots")
@@ -87,35 +100,55 @@ class AdapterCache:
         self.device, self.dtype = device, dtype
         self._on_evict_hook = on_evict
         self._on_load_hook = on_load
+        self.admission_timeout_s = admission_timeout_s
         self._entries: OrderedDict[Key, CacheEntry] = OrderedDict()  # LRU order: oldest first
         self._free_slots = list(range(max_slots, 0, -1))  # pop() gives the lowest free slot
         self._lock = threading.Lock()
-        self._key_locks: dict[Key, threading.Lock] = {}
+        self._released = threading.Condition(self._lock)  # notified whenever a pin or a slot is given back
+        self._key_locks: dict[Key, tuple[threading.Lock, int]] = {}  # key -> (lock, threads using it)
         self.stats = CacheStats()
 
     # --- public --------------------------------------------------------------------------------
 
-    def acquire(self, task: str, version: int, bundle: Bundle | None = None) -> CacheEntry:
+    def acquire(
+        self, task: str, version: int, bundle: Bundle | None = None, *, wait_s: float | None = None,
+    ) -> CacheEntry:
         """The READY entry for `task@version`, pinned (call `release` when done); loads it on a miss, from
-        `bundle` when given (an upload being smoke-tested or pre-warmed) else through `fetch`."""
+        `bundle` when given (an upload being smoke-tested or pre-warmed) else through `fetch`. A load that
+        finds everything pinned waits up to `wait_s` (default `admission_timeout_s`) for a release."""
         key = (task, version)
         entry = self._pin_if_ready(key)
         if entry is not None:
             return entry
         with self._lock:
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:
-            entry = self._pin_if_ready(key)  # someone else may have loaded it while we waited
-            if entry is not None:
-                return entry
-            return self._load(task, version, bundle)
+            key_lock, users = self._key_locks.get(key, (threading.Lock(), 0))
+            self._key_locks[key] = (key_lock, users + 1)
+        try:
+            with key_lock:
+                entry = self._pin_if_ready(key)  # someone else may have loaded it while we waited
+                if entry is not None:
+                    return entry
+                return self._load(task, version, bundle, self.admission_timeout_s if wait_s is None else wait_s)
+        finally:
+            with self._lock:  # the lock map holds only keys being loaded right now
+                key_lock, users = self._key_locks[key]
+                if users == 1:
+                    del self._key_locks[key]
+                else:
+                    self._key_locks[key] = (key_lock, users - 1)
+
+    def footprint(self, manifest: Manifest) -> int:
+        """Bytes `manifest`'s task takes in this cache (see `footprint`)."""
+        return footprint(manifest, self.dtype)
 
     def release(self, entry: CacheEntry) -> None:
         with self._lock:
             entry.pins -= 1
             assert entry.pins >= 0, "release without acquire"
-            if entry.pins == 0 and entry.doomed and entry.state is EntryState.READY:
-                self._evict(entry)
+            if entry.pins == 0:
+                if entry.doomed and entry.state is EntryState.READY:
+                    self._evict(entry)
+                self._released.notify_all()
 
     def invalidate(self, task: str, keep_version: int | None = None) -> int:
         """Drop every resident version of `task` (but `keep_version`); pinned ones go when released.
@@ -158,7 +191,7 @@ class AdapterCache:
             self.stats.hits += 1
             return entry
 
-    def _load(self, task: str, version: int, bundle: Bundle | None) -> CacheEntry:
+    def _load(self, task: str, version: int, bundle: Bundle | None, wait_s: float) -> CacheEntry:
         t0 = time.perf_counter()
         with self._lock:
             self.stats.misses += 1
@@ -167,9 +200,9 @@ class AdapterCache:
                 bundle = self._fetch(task, version)
             head = build_head(bundle.manifest, bundle.tensors).to(device=self.device, dtype=self.dtype).eval()
             head.requires_grad_(False)
-            nbytes = self._entry_bytes(bundle, head)
+            nbytes = self.footprint(bundle.manifest)
             with self._lock:
-                slot = self._reserve(nbytes)
+                slot = self._reserve(nbytes, task, version, wait_s)
                 entry = CacheEntry(task, version, slot, nbytes, bundle.manifest, head, pins=1)
                 self._entries[entry.key] = entry
                 self.stats.resident_bytes += nbytes
@@ -181,9 +214,9 @@ class AdapterCache:
         try:
             if bundle.manifest.adapter is not None:
                 self.pool.write(slot, bundle.manifest.adapter, bundle.tensors)
-        except BaseException as exc:
+        except BaseException:
             with self._lock:
-                entry.state, entry.error = EntryState.FAILED, exc
+                entry.state = EntryState.EVICTED
                 self._drop(entry)
                 self.stats.load_failures += 1
             raise
@@ -191,28 +224,40 @@ class AdapterCache:
         with self._lock:
             entry.state = EntryState.READY
             self.stats.load_seconds_total += seconds
-            self.stats.recent_load_seconds.append(seconds)
         if self._on_load_hook is not None:
             self._on_load_hook(entry, seconds)
         return entry
 
-    def _entry_bytes(self, bundle: Bundle, head: TaskHead) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        adapter = sum(t.numel() for k, t in bundle.tensors.items() if k.startswith("adapter."))
-        return adapter * itemsize + sum(p.numel() * p.element_size() for p in head.parameters())
-
-    def _reserve(self, nbytes: int) -> int:
-        """Evict LRU unpinned entries until `nbytes` and one slot fit; return the slot. Caller holds the lock."""
+    def _reserve(self, nbytes: int, task: str, version: int, wait_s: float) -> int:
+        """Evict LRU unpinned entries until `nbytes` and one slot fit; return the slot. While every slot (or
+        byte) is pinned, wait for a release, up to `wait_s` seconds. Caller holds the lock."""
         if nbytes > self.max_bytes:
-            raise CacheFull(f"adapter needs {nbytes} bytes, more than the whole cache budget of {self.max_bytes}")
-        for entry in list(self._entries.values()):  # oldest first
-            if self._free_slots and self.stats.resident_bytes + nbytes <= self.max_bytes:
-                break
-            if entry.pins == 0 and entry.state is EntryState.READY:
-                self._evict(entry)
-        if not self._free_slots or self.stats.resident_bytes + nbytes > self.max_bytes:
-            raise CacheFull("every resident adapter is in use by in-flight requests; retry shortly")
-        return self._free_slots.pop()
+            raise CacheFull(f"{task}@{version} needs {nbytes} bytes on the device, more than the whole cache "
+                            f"budget of {self.max_bytes} bytes (ADAPTER_SERVICE_CACHE_MAX_BYTES)")
+        deadline, waited_since = 0.0, None
+        while True:
+            for entry in list(self._entries.values()):  # oldest first
+                if self._fits(nbytes):
+                    break
+                if entry.pins == 0 and entry.state is EntryState.READY:
+                    self._evict(entry)
+            now = time.perf_counter()
+            if self._fits(nbytes):
+                if waited_since is not None:
+                    self.stats.slot_wait_seconds_total += now - waited_since
+                return self._free_slots.pop()
+            if waited_since is None:
+                waited_since, deadline = now, now + wait_s
+                self.stats.slot_waits += 1
+            if now >= deadline:
+                self.stats.slot_wait_seconds_total += now - waited_since
+                self.stats.slot_wait_timeouts += 1
+                raise CacheFull(f"every resident adapter stayed in use by in-flight requests for {wait_s:g} s "
+                                f"(no slot for {task}@{version}); retry shortly")
+            self._released.wait(deadline - now)
+
+    def _fits(self, nbytes: int) -> bool:
+        return bool(self._free_slots) and self.stats.resident_bytes + nbytes <= self.max_bytes
 
     def _evict(self, entry: CacheEntry) -> None:
         """The LRU's removal callback. Caller holds the lock; the entry is unpinned."""
@@ -230,3 +275,4 @@ class AdapterCache:
         self._free_slots.sort(reverse=True)
         self.stats.resident_bytes -= entry.nbytes
         self.stats.resident_entries -= 1
+        self._released.notify_all()

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from service.bundles.codec import Bundle, decode_bundle
-from service.bundles.manifest import HeadType, Manifest
+from service.bundles.manifest import AdapterConfig, HeadType, Manifest
 from service.bundles.store import AdapterStore
-from service.errors import BundleInvalid, InvalidInput, ServiceError
+from service.errors import BundleInvalid, ConfigurationError, InvalidInput, ServiceError
 from service.modeling.backbone import Backbone
 from service.modeling.batch_plan import plan_batch
 from service.modeling.encoding import EncodedRow, Encoder
@@ -37,6 +37,12 @@ class RowRequest:
     task: str | None
     version: int
     row: EncodedRow
+    footprint: int = 0  # device bytes of the task's weights (`AdapterCache.footprint`): the batcher's admission
+
+    @property
+    def key(self) -> tuple[str, int] | None:
+        """The cache key of the row's task version (None: the plain backbone)."""
+        return None if self.task is None else (self.task, self.version)
 
 
 @dataclass
@@ -69,6 +75,7 @@ class Engine:
         *,
         cache_max_bytes: int = 512 * 1024 * 1024,
         cache_max_slots: int = 64,
+        cache_wait_s: float = 30.0,
         max_seq_length: int = 256,
         strategy: str = "auto",
         upload_max_bytes: int = 64 * 1024 * 1024,
@@ -88,6 +95,7 @@ class Engine:
         self.cache = AdapterCache(
             self.pool, self.load_bundle, max_bytes=cache_max_bytes, max_slots=cache_max_slots,
             device=backbone.device, dtype=backbone.dtype, on_load=on_adapter_load, on_evict=on_adapter_evict,
+            admission_timeout_s=cache_wait_s,
         )
         self._smoke_ids = itertools.count(1)
 
@@ -101,6 +109,10 @@ class Engine:
     def validate_bundle(self, data: bytes) -> Bundle:
         """Full validation of uploaded bytes plus a smoke forward through the serving path."""
         bundle = decode_bundle(data, backbone=self.backbone.ref, max_bytes=self.upload_max_bytes)
+        nbytes = self.cache.footprint(bundle.manifest)
+        if nbytes > self.cache.max_bytes:
+            raise BundleInvalid("over_cache_budget", f"the task needs {nbytes} bytes on the device, more than the "
+                                f"whole adapter cache ({self.cache.max_bytes} bytes): it could never be served")
         self.smoke_test(bundle)
         return bundle
 
@@ -126,8 +138,26 @@ class Engine:
             raise BundleInvalid("smoke_test", "the bundle produced NaN or Inf on a test input")
 
     def warm(self, task: str, version: int, bundle: Bundle | None = None) -> None:
-        """Load `task@version` into the cache ahead of its first request."""
-        self.cache.release(self.cache.acquire(task, version, bundle))
+        """Load `task@version` into the cache ahead of its first request, if room can be made now (a
+        pre-load never waits for in-flight batches to release their slots)."""
+        self.cache.release(self.cache.acquire(task, version, bundle, wait_s=0.0))
+
+    def check_cache_budget(self, manifests: Sequence[Manifest]) -> None:
+        """Refuse (at start-up) a cache that could not hold one of the stored tasks, or, with none stored, one
+        default adapter (Houlsby, m = 64, two labels) on this backbone: such a service could answer nothing."""
+        default = Manifest(task="default", head_type=HeadType.CLASSIFICATION, labels=["a", "b"],
+                           adapter=AdapterConfig(), backbone=self.backbone.ref)
+        need, what = max(((self.cache.footprint(m), f"task '{m.task}'") for m in manifests),
+                         default=(self.cache.footprint(default), "one default adapter (Houlsby, m = 64)"))
+        if need > self.cache.max_bytes:
+            raise ConfigurationError(
+                f"the adapter cache budget of {self.cache.max_bytes} bytes (ADAPTER_SERVICE_CACHE_MAX_BYTES) cannot "
+                f"hold {what}, which needs {need} bytes on {self.backbone.device} in {self.backbone.dtype}")
+
+    def requests(self, task: str, version: int, manifest: Manifest, rows: Sequence[EncodedRow]) -> list[RowRequest]:
+        """One RowRequest per encoded row of `task@version`, with its device footprint for admission."""
+        nbytes = self.cache.footprint(manifest)
+        return [RowRequest(task, version, r, nbytes) for r in rows]
 
     # --- encoding ----------------------------------------------------------------------------------
 
@@ -236,7 +266,7 @@ class Engine:
         version = self.store.get_active(task) if version is None else version
         manifest = self.store.get_info(task, version).manifest
         rows = self.encode(manifest, texts, pairs)
-        results = self.run([RowRequest(task, version, r) for r in rows])
+        results = self.run(self.requests(task, version, manifest, rows))
         for r in results:
             if r.error is not None:
                 raise r.error

@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.modeling.batch_plan import Segment, pack_batches, plan_batch
+from service.modeling.batch_plan import Admission, Segment, admit_rows, pack_batches, plan_batch
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,39 @@ def test_pack_batches_respects_budgets(lengths, max_rows, max_tokens, batches):
 def test_pack_batches_rejects_empty_budget():
     with pytest.raises(ValueError):
         pack_batches([1], 0, 10)
+
+
+A, B, C, D = ("a", 1), ("b", 1), ("c", 1), ("d", 1)
+
+
+@pytest.mark.parametrize(
+    "keys, costs, held, slots, max_bytes, admitted, refused",
+    [
+        # everything fits
+        ([A, B, A], [10, 10, 10], {}, 4, 100, (0, 1, 2), ()),
+        # two slots: the third task waits, its later rows too; rows of admitted tasks keep coming
+        ([A, B, C, A, C, B], [10] * 6, {}, 2, 100, (0, 1, 3, 5), (2, 4)),
+        # a task held by a running batch costs no new slot
+        ([A, B, C], [10] * 3, {A: 10}, 2, 100, (0, 1), (2,)),
+        ([C, A, B], [10] * 3, {A: 10, B: 10}, 3, 100, (0, 1, 2), ()),
+        # the oldest row's task does not fit beside the held ones: nothing is admitted (it goes first later)
+        ([C, A, A], [10] * 3, {A: 10, B: 10}, 2, 100, (), (0, 1, 2)),
+        # bytes bind before slots
+        ([A, B, C], [40, 40, 40], {}, 8, 100, (0, 1), (2,)),
+        ([A, B, C], [40, 70, 20], {}, 8, 100, (0, 2), (1,)),
+        ([A, B], [40, 40], {C: 30}, 8, 100, (0,), (1,)),
+        # rows without an adapter are always admitted
+        ([None, A, None, B], [0, 10, 0, 10], {C: 10}, 2, 100, (0, 1, 2), (3,)),
+        ([None, None], [0, 0], {A: 10, B: 10}, 2, 100, (0, 1), ()),
+        # a task larger than the whole budget can never fit: admitted, so that its load fails with the reason
+        ([D, A], [500, 10], {}, 1, 100, (0, 1), ()),
+        ([], [], {}, 1, 100, (), ()),
+    ],
+)
+def test_admit_rows_keeps_batches_inside_the_cache(keys, costs, held, slots, max_bytes, admitted, refused):
+    got = admit_rows(keys, costs, held, slots=slots, max_bytes=max_bytes)
+    assert got == Admission(admitted, refused)
+    fitting = {keys[i] for i in got.rows if keys[i] is not None and costs[i] <= max_bytes}
+    new = fitting - set(held)
+    assert len(new) + len(held) <= slots or not new
+    assert sum(costs[keys.index(k)] for k in new) + sum(held.values()) <= max_bytes or not new

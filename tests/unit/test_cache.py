@@ -39,7 +39,8 @@ class Fetcher:
         return decode_bundle(self.data[(task, version)], backbone=self.ref, max_bytes=1 << 30)
 
 
-def make_cache(backbone, fetch, *, entries_that_fit: int, slots: int = 8, on_evict=None) -> AdapterCache:
+def make_cache(backbone, fetch, *, entries_that_fit: int, slots: int = 8, on_evict=None,
+               wait_s: float = 0.0) -> AdapterCache:
     pool = install_slot_pool(backbone.model, backbone.spec, slots, device=torch.device("cpu"), dtype=torch.float32)
     probe = AdapterCache(pool, fetch, max_bytes=1 << 30, max_slots=slots, device=pool.device, dtype=pool.dtype)
     one = probe.acquire(TASKS[0], 1)
@@ -48,7 +49,7 @@ def make_cache(backbone, fetch, *, entries_that_fit: int, slots: int = 8, on_evi
     probe.invalidate(TASKS[0])
     fetch.calls.clear()
     return AdapterCache(pool, fetch, max_bytes=size * entries_that_fit, max_slots=slots,
-                        device=pool.device, dtype=pool.dtype, on_evict=on_evict)
+                        device=pool.device, dtype=pool.dtype, on_evict=on_evict, admission_timeout_s=wait_s)
 
 
 def slot_holds(cache: AdapterCache, entry, fetch: Fetcher) -> bool:
@@ -95,6 +96,61 @@ def test_pinned_entries_are_never_evicted_and_full_cache_says_so(tiny_backbone):
     assert slot_holds(cache, a, fetch) and slot_holds(cache, c, fetch)
     cache.release(a)
     cache.release(c)
+
+
+def test_a_load_that_finds_every_slot_pinned_waits_for_a_release(tiny_backbone):
+    fetch = Fetcher(tiny_backbone.ref)
+    cache = make_cache(tiny_backbone, fetch, entries_that_fit=100, slots=2, wait_s=10.0)
+    a, b = cache.acquire("t0", 1), cache.acquire("t1", 1)
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(cache.acquire("t2", 1)))
+    waiter.start()
+    time.sleep(0.2)
+    assert got == [] and waiter.is_alive()  # still waiting: both slots are pinned
+    cache.release(b)
+    waiter.join(5.0)
+    assert [e.key for e in got] == [("t2", 1)] and got[0].state is EntryState.READY
+    assert b.state is EntryState.EVICTED and a.state is EntryState.READY
+    assert cache.stats.slot_waits == 1 and cache.stats.slot_wait_seconds_total >= 0.15
+    assert cache.stats.slot_wait_timeouts == 0
+    cache.release(a)
+    cache.release(got[0])
+
+
+def test_a_slot_wait_is_bounded_and_then_says_why(tiny_backbone):
+    fetch = Fetcher(tiny_backbone.ref)
+    cache = make_cache(tiny_backbone, fetch, entries_that_fit=100, slots=1, wait_s=0.1)
+    a = cache.acquire("t0", 1)
+    t0 = time.perf_counter()
+    with pytest.raises(CacheFull, match=r"in use by in-flight requests for 0.1 s \(no slot for t1@1\)"):
+        cache.acquire("t1", 1)
+    assert 0.09 <= time.perf_counter() - t0 < 2.0
+    assert cache.stats.slot_wait_timeouts == 1 and cache._key_locks == {}
+    with pytest.raises(CacheFull):  # a caller may refuse to wait at all (pre-loads)
+        cache.acquire("t1", 1, wait_s=0.0)
+    cache.release(a)
+    cache.release(cache.acquire("t1", 1))
+
+
+def test_an_adapter_larger_than_the_whole_budget_fails_at_once(tiny_backbone):
+    fetch = Fetcher(tiny_backbone.ref)
+    cache = make_cache(tiny_backbone, fetch, entries_that_fit=1, wait_s=10.0)
+    big = make_manifest(tiny_backbone.ref, task="big", adapter=AdapterConfig(bottleneck=64))
+    fetch.data[("big", 1)] = make_bundle(big)
+    t0 = time.perf_counter()
+    with pytest.raises(CacheFull, match="more than the whole cache budget"):
+        cache.acquire("big", 1)
+    assert time.perf_counter() - t0 < 2.0
+    assert cache.footprint(big) > cache.max_bytes
+
+
+def test_footprint_is_what_a_loaded_entry_takes(tiny_backbone):
+    fetch = Fetcher(tiny_backbone.ref)
+    cache = make_cache(tiny_backbone, fetch, entries_that_fit=10)
+    entry = cache.acquire("t3", 2)
+    manifest = decode_bundle(fetch.data[("t3", 2)], backbone=fetch.ref, max_bytes=1 << 30).manifest
+    assert entry.nbytes == cache.footprint(manifest) == cache.stats.resident_bytes
+    cache.release(entry)
 
 
 def test_versions_are_separate_entries(tiny_backbone):
