@@ -29,8 +29,16 @@ class ServiceSettings(BaseSettings):
         "or a Hugging Face model id already in the local cache (nothing is downloaded at run time).",
     )
     device: str = Field("auto", description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Compute dtype. `auto`: float32 on CPU, float16 on CUDA."
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = Field(
+        "auto", description="Compute precision of the backbone. `auto`: bfloat16 on a CPU with native bfloat16 "
+        "(avx512_bf16 / amx_bf16), else float32; on CUDA bfloat16 from compute capability 8.0, else float16. "
+        "`int8`: int8 weights and dynamically quantised activations in the backbone's linear layers (CPU only). "
+        "The choice and its reason are logged and shown by `/readyz`."
+    )
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Padding-free forwards: each batch's real tokens packed into one [tokens, d] tensor "
+        "through every position-wise step, attention alone seeing rows. `auto`/`on`: for the BERT family (BERT, "
+        "RoBERTa, XLM-R, ELECTRA, MiniLM), padded forwards for other architectures; `off`: always padded."
     )
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads per forward on CPU. Unset: the cores divided among the forward "
@@ -76,7 +84,8 @@ class ServiceSettings(BaseSettings):
     # --- batching -----------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=1024, description="Rows in one backbone forward, at most.")
     max_batch_tokens: int = Field(
-        8192, ge=64, description="Padded tokens (rows x longest row) in one forward, at most."
+        8192, ge=64, description="Tokens in one forward, at most: real tokens when the forward is packed, padded "
+        "tokens (rows x longest row) otherwise."
     )
     max_wait_ms: float = Field(
         5.0, ge=0.0, le=1000.0, description="How long the first row of a batch waits for company before the batch "

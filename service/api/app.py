@@ -99,6 +99,7 @@ def create_app(
         engine = Engine(
             bb, svc.store, cache_max_bytes=settings.cache_max_bytes, cache_max_slots=settings.cache_max_slots,
             cache_wait_s=settings.cache_wait_s, max_seq_length=settings.max_seq_length, strategy=settings.mixed_strategy,
+            packing=settings.packing,
             upload_max_bytes=settings.upload_max_bytes, on_adapter_load=metrics.observe_load,
         )
 
@@ -120,7 +121,7 @@ def create_app(
         engine.check_cache_budget([view.manifest for view in registry.snapshot().values()])
         batcher = Batcher(
             engine, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-            max_wait_ms=settings.max_wait_ms, queue_limit=settings.queue_limit, workers=workers,
+            packed=engine.packed, max_wait_ms=settings.max_wait_ms, queue_limit=settings.queue_limit, workers=workers,
             budget=CacheBudget(engine.cache.max_slots, engine.cache.max_bytes), on_batch=metrics.observe_batch,
         )
         # With Redis, the store itself publishes every write (after it is durable); the sync follows them.
@@ -130,7 +131,10 @@ def create_app(
         metrics.bind(cache_stats=lambda: engine.cache.stats, queue_depth=lambda: batcher.depth,
                      waiting_for_slot=lambda: batcher.waiting_for_slot)
         await batcher.start()
-        log.info("ready: backbone %s on %s, %d tasks", bb.ref.id, bb.device, len(registry.snapshot()))
+        metrics.compute.info(engine.compute_info())
+        log.info("ready: backbone %s on %s in %s (%s), %s forwards, %d tasks", bb.ref.id, bb.device,
+                 bb.precision.mode, bb.precision.reason, "packed" if engine.packed else "padded",
+                 len(registry.snapshot()))
         try:
             yield
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -54,7 +54,8 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("adapter_service_batch_size", "Rows per backbone forward",
                                     buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256), registry=r)
-        self.batch_tokens = Histogram("adapter_service_batch_tokens", "Padded tokens per backbone forward",
+        self.batch_tokens = Histogram("adapter_service_batch_tokens", "Tokens per backbone forward (real tokens "
+                                      "when forwards are packed, rows x longest row when padded)",
                                       buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), registry=r)
         self.batch_tasks = Histogram("adapter_service_batch_tasks", "Distinct tasks per backbone forward",
                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
@@ -72,6 +73,8 @@ class Metrics:
                                          "could not hold their tasks too", registry=r)
         self.load_seconds = Histogram("adapter_service_adapter_load_seconds", "Seconds to load one adapter",
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
+        self.compute = Info("adapter_service_compute", "How the backbone computes: device, precision (and why), "
+                            "packed or padded forwards", registry=r)
         self._cache_stats: Callable[[], CacheStats | None] = lambda: None
         r.register(_CacheCollector(lambda: self._cache_stats()))
 
@@ -88,7 +91,7 @@ class Metrics:
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.rows)
-        self.batch_tokens.observe(stats.padded_tokens)
+        self.batch_tokens.observe(stats.tokens)
         self.batch_tasks.observe(stats.tasks)
         self.batch_seconds.observe(stats.seconds)
         if stats.cut_short:

@@ -47,7 +47,7 @@ async def readyz(request: Request, allow_degraded: bool = False):
         detail = "not ready: " + "; ".join(f"{k} {v}" for k, v in failed.items())
         return JSON({"detail": detail, "checks": checks}, status_code=503, headers={"Retry-After": "5"})
     return JSON({"status": "degraded" if failed else "ready", "checks": checks,
-                 "backbone": svc.engine.backbone.ref.id, "device": str(svc.engine.backbone.device)})
+                 "backbone": svc.engine.backbone.ref.id, **svc.engine.compute_info()})
 
 
 @router.get("/metrics")

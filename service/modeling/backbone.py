@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from service.bundles.manifest import BackboneRef
 from service.errors import BackboneLoadError
+from service.modeling.precision import Precision, choose_precision, quantize_linear_layers
 from service.settings import DEFAULT_BACKBONE
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ class ArchSpec:
     attn_norm: str  # LayerNorm applied to (attn_out + residual)
     ffn_out: str  # feed-forward output projection (Linear d_ff -> d)
     ffn_norm: str  # LayerNorm applied to (ffn_out + residual)
+    packable: bool = False  # has the BERT layer layout `service.modeling.packed` runs padding-free
+    positions_after_padding: bool = False  # RoBERTa family: position ids start at pad_token_id + 1
 
     def projection(self, point: str) -> str:
         return self.attn_out if point == "attn" else self.ffn_out
@@ -42,13 +45,15 @@ _BERT_LIKE = ArchSpec(
     attn_norm="attention.output.LayerNorm",
     ffn_out="output.dense",
     ffn_norm="output.LayerNorm",
+    packable=True,
 )
+_ROBERTA_LIKE = replace(_BERT_LIKE, positions_after_padding=True)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "xlm-roberta": _BERT_LIKE,
-    "camembert": _BERT_LIKE,
+    "roberta": _ROBERTA_LIKE,
+    "xlm-roberta": _ROBERTA_LIKE,
+    "camembert": _ROBERTA_LIKE,
     "electra": _BERT_LIKE,
     "mpnet": ArchSpec(
         layers="encoder.layer",
@@ -89,15 +94,6 @@ def pick_device(device: str) -> torch.device:
     return dev
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    chosen = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    if device.type == "cpu" and chosen is torch.float16:
-        raise BackboneLoadError("float16 is not supported on CPU; use float32 (or bfloat16)")
-    return chosen
-
-
 _ARCH_FIELDS = (
     "model_type", "vocab_size", "hidden_size", "dim", "num_hidden_layers", "n_layers", "num_attention_heads",
     "n_heads", "intermediate_size", "hidden_dim", "hidden_act", "activation", "max_position_embeddings",
@@ -131,8 +127,18 @@ class Backbone:
     spec: ArchSpec
     ref: BackboneRef
     device: torch.device
-    dtype: torch.dtype
+    precision: Precision
     max_length: int  # longest input the position embeddings accept
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of activations (and of adapter and head weights in the cache)."""
+        return self.precision.dtype
+
+    @property
+    def packable(self) -> bool:
+        """Whether `service.modeling.packed` can run this model padding-free (BERT layout, absolute positions)."""
+        return self.spec.packable and getattr(self.model.config, "position_embedding_type", "absolute") == "absolute"
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -154,7 +160,8 @@ def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "auto", dtype: str = "auto") -> Backbone:
-    """Load `name` (see `resolve_backbone_path`) offline, frozen and in eval mode, on the chosen device."""
+    """Load `name` (see `resolve_backbone_path`) offline, frozen and in eval mode, on the chosen device, in
+    the compute mode `dtype` chooses (`service.modeling.precision`)."""
     from transformers import AutoModel, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -180,9 +187,14 @@ def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "auto", dtype: str
         raise BackboneLoadError(f"backbone '{name}' has no fast tokenizer (character offsets need one)")
     fp = fingerprint(model)
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    try:
+        precision = choose_precision(dtype, dev)
+    except ValueError as exc:
+        raise BackboneLoadError(str(exc)) from None
     model.eval().requires_grad_(False)
-    model.to(device=dev, dtype=dt)
+    model.to(device=dev, dtype=precision.dtype)
+    if precision.quantized:
+        quantize_linear_layers(model)
     config = model.config
     hidden = int(getattr(config, "hidden_size", None) or config.dim)
     num_layers = len(get_submodule(model, spec.layers))
@@ -190,6 +202,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "auto", dtype: str
     if model_type in ("roberta", "xlm-roberta", "camembert"):
         max_pos -= 2  # positions start after the padding index
     ref = BackboneRef(id=name, fingerprint=fp, model_type=model_type, hidden_size=hidden, num_layers=num_layers)
-    log.info("backbone %s loaded: %s, %d layers, hidden %d, %s/%s, fingerprint %s",
-             name, model_type, num_layers, hidden, dev, str(dt).replace("torch.", ""), fp[:12])
-    return Backbone(model, tokenizer, spec, ref, dev, dt, min(max_pos, int(tokenizer.model_max_length or max_pos)))
+    log.info("backbone %s loaded: %s, %d layers, hidden %d, on %s in %s (%s), fingerprint %s",
+             name, model_type, num_layers, hidden, dev, precision.mode, precision.reason, fp[:12])
+    return Backbone(model, tokenizer, spec, ref, dev, precision,
+                    min(max_pos, int(tokenizer.model_max_length or max_pos)))

@@ -48,24 +48,26 @@ def plan_batch(row_slots: Sequence[int]) -> BatchPlan:
     return BatchPlan(order, tuple(segments))
 
 
-def pack_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
-    """Cut rows (by their token lengths) into batches of at most `max_rows` rows and `max_tokens` padded
-    tokens (rows x longest row). Rows are grouped by length; a row longer than `max_tokens` goes alone.
-    Batches come back in the order of their earliest row, so the oldest waiting row goes first.
+def pack_batches(lengths: Sequence[int], max_rows: int, max_tokens: int, *, padded: bool = True) -> list[list[int]]:
+    """Cut rows (by their token lengths) into batches of at most `max_rows` rows and `max_tokens` tokens:
+    padded tokens (rows x longest row), or with `padded=False` real tokens (the sum of lengths, for packed
+    forwards). Rows are grouped by length; a row longer than `max_tokens` goes alone. Batches come back in
+    the order of their earliest row, so the oldest waiting row goes first.
     """
     if max_rows < 1 or max_tokens < 1:
         raise ValueError("max_rows and max_tokens must be >= 1")
     by_length = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    longest = total = 0
     for i in by_length:
-        new_longest = max(longest, lengths[i])
-        if current and (len(current) + 1 > max_rows or (len(current) + 1) * new_longest > max_tokens):
+        new_longest, new_total = max(longest, lengths[i]), total + lengths[i]
+        tokens = (len(current) + 1) * new_longest if padded else new_total
+        if current and (len(current) + 1 > max_rows or tokens > max_tokens):
             batches.append(current)
-            current, new_longest = [], lengths[i]
+            current, new_longest, new_total = [], lengths[i], lengths[i]
         current.append(i)
-        longest = new_longest
+        longest, total = new_longest, new_total
     if current:
         batches.append(current)
     return sorted(batches, key=min)

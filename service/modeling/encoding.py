@@ -80,3 +80,12 @@ class Encoder:
         if types is not None:
             batch["token_type_ids"] = types
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def collate_packed(self, rows: Sequence[EncodedRow], device: torch.device) -> dict[str, torch.Tensor]:
+        """Concatenate rows' real tokens: input_ids (/ token_type_ids) [N], no padding."""
+        ids = torch.tensor([t for r in rows for t in r.input_ids], dtype=torch.long)
+        batch = {"input_ids": ids}
+        if self.use_token_type_ids:
+            batch["token_type_ids"] = torch.tensor(
+                [t for r in rows for t in (r.token_type_ids or (0,) * len(r))], dtype=torch.long)
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -92,7 +92,14 @@ class Routing:
     specs: dict[int, SlotSpec]  # slot -> spec, for the slots in this batch (slot 0 absent)
     strategy: Strategy
     token_index: torch.Tensor | None = None  # [N] long: real (unpadded) tokens in the flattened [B*T] batch
-    packed_bounds: tuple[tuple[int, int], ...] = ()  # per segment: its tokens' range in token_index
+    packed_bounds: tuple[tuple[int, int], ...] = ()  # per segment: its tokens' range in token_index / the packed batch
+    packed: bool = False  # the forward itself is packed: layers see [N, d], segments are token ranges
+    token_slots: torch.Tensor | None = None  # [N] long (packed forwards): slot of each token
+    # Packed gather: the adapter segments' tokens laid out as [k, L] (padded with token 0, never read back)
+    segment_slots: torch.Tensor | None = None  # [k] long: slot of each segment with an adapter
+    segment_tokens: torch.Tensor | None = None  # [k * L] long: token of each place of the [k, L] layout
+    real_places: torch.Tensor | None = None  # [n] long: the places of [k * L] that hold a real token
+    real_tokens: torch.Tensor | None = None  # [n] long: the token at each of those places
 
     @property
     def any_adapter(self) -> bool:
@@ -240,6 +247,30 @@ class SlotPool:
                 bounds = tuple((ends[s.start - 1] if s.start else 0, ends[s.stop - 1]) for s in segments)
         return Routing(tuple(segments), row_slots, specs, strategy, token_index, bounds)
 
+    def routing_packed(self, segments: Sequence[Segment], offsets: Sequence[int], strategy: Strategy) -> Routing:
+        """Routing for a packed forward (`service.modeling.packed`) of rows sorted by slot: each segment is
+        the contiguous token range [offsets[seg.start], offsets[seg.stop]). `segment`: one matmul pair per
+        task; `gather`: the tasks' tokens laid out as [k tasks, L longest], one batched matmul pair."""
+        specs = {s.slot: spec for s in segments if (spec := self.specs.get(s.slot)) is not None}
+        slots = torch.tensor([s.slot for s in segments])
+        counts = torch.tensor([offsets[s.stop] - offsets[s.start] for s in segments])
+        row_slots = torch.tensor([s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long)
+        bounds = tuple((offsets[s.start], offsets[s.stop]) for s in segments)
+        gather: dict[str, torch.Tensor] = {}
+        adapted = [(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs]
+        if strategy == "gather" and adapted:
+            L = max(b - a for _, a, b in adapted)
+            places = torch.full((len(adapted), L), 0, dtype=torch.long)
+            for i, (_, a, b) in enumerate(adapted):
+                places[i, : b - a] = torch.arange(a, b)
+            real = torch.tensor([i * L + t for i, (_, a, b) in enumerate(adapted) for t in range(b - a)])
+            gather = {"segment_slots": torch.tensor([slot for slot, _, _ in adapted]),
+                      "segment_tokens": places.view(-1), "real_places": real,
+                      "real_tokens": torch.cat([torch.arange(a, b) for _, a, b in adapted])}
+        return Routing(tuple(segments), row_slots.to(self.device), specs, strategy, None, bounds, packed=True,
+                       token_slots=slots.repeat_interleave(counts).to(self.device),
+                       **{k: v.to(self.device) for k, v in gather.items()})
+
     @contextlib.contextmanager
     def route(self, routing: Routing) -> Iterator[None]:
         """Route the forwards this thread runs inside the block (other threads may route their own)."""
@@ -256,7 +287,10 @@ class SlotPool:
     # --- the maths -----------------------------------------------------------------------------
 
     def apply_adapters(self, p: int, point: str, h: torch.Tensor, r: Routing) -> torch.Tensor:
-        """h [B, T, d] (output of the projection, rows sorted by slot) -> h + adapter(h), per row's slot."""
+        """h [B, T, d] (output of the projection, rows sorted by slot), or [N, d] in a packed forward ->
+        h + adapter(h), per row's slot: adapter(x) = act(x @ down_w + down_b) @ up_w + up_b."""
+        if r.packed:
+            return self._apply_packed(p, h, r)
         if r.strategy == "gather":
             return self._apply_gather(p, h, r)
         _, T, d = h.shape
@@ -294,6 +328,26 @@ class SlotPool:
             h.add_(self.up_b[p].index_select(0, r.row_slots).unsqueeze(1))
         return h
 
+    def _apply_packed(self, p: int, h: torch.Tensor, r: Routing) -> torch.Tensor:
+        """h [N, d] of a packed forward: each segment's contiguous tokens through its slot's adapter, in place."""
+        if r.strategy == "gather" and r.segment_slots is not None:
+            idx = r.segment_slots  # [k]
+            k, d = idx.shape[0], h.shape[1]
+            xs = h.index_select(0, r.segment_tokens).view(k, -1, d)  # [k, L, d]
+            z = torch.baddbmm(self.down_b[p].index_select(0, idx).unsqueeze(1), xs, self.down_w[p].index_select(0, idx))
+            z = self._activate_segments(z, r)
+            y = torch.baddbmm(self.up_b[p].index_select(0, idx).unsqueeze(1), z, self.up_w[p].index_select(0, idx))
+            return h.index_add_(0, r.real_tokens, y.view(-1, d).index_select(0, r.real_places))
+        for (a, b), seg in zip(r.packed_bounds, r.segments):
+            views = self._views.get(seg.slot)
+            v = views[p] if views is not None else None
+            if v is None:
+                continue
+            down_w, down_b, up_w, up_b, act = v
+            x = h[a:b]
+            x.addmm_(act(torch.addmm(down_b, x, down_w)), up_w).add_(up_b)
+        return h
+
     def _activate(self, z: torch.Tensor, r: Routing) -> torch.Tensor:
         """Each row's activation (one call when the batch's tasks agree, as they usually do)."""
         acts = {spec.activation for spec in r.specs.values()}
@@ -303,6 +357,15 @@ class SlotPool:
             spec = r.specs.get(seg.slot)
             if spec is not None:
                 z[seg.start : seg.stop] = ACTIVATIONS[spec.activation](z[seg.start : seg.stop])
+        return z
+
+    def _activate_segments(self, z: torch.Tensor, r: Routing) -> torch.Tensor:
+        """z [k, L, m] of a packed gather: each adapter segment's activation (one call when they agree)."""
+        acts = [r.specs[int(slot)].activation for slot in r.segment_slots.tolist()]
+        if len(set(acts)) == 1:
+            return ACTIVATIONS[acts[0]](z)
+        for i, act in enumerate(acts):
+            z[i] = ACTIVATIONS[act](z[i])
         return z
 
     def _apply_gather(self, p: int, h: torch.Tensor, r: Routing) -> torch.Tensor:
@@ -316,6 +379,9 @@ class SlotPool:
     def apply_norm(self, p: int, x: torch.Tensor, eps: float, r: Routing) -> torch.Tensor:
         """LayerNorm with each row's slot's affine parameters (the backbone's own where a task has none)."""
         y = F.layer_norm(x, (x.shape[-1],), None, None, eps)
+        if r.packed:  # [N, d]: per token
+            return torch.addcmul(self.norm_b[p].index_select(0, r.token_slots), y,
+                                 self.norm_w[p].index_select(0, r.token_slots))
         return torch.addcmul(
             self.norm_b[p].index_select(0, r.row_slots).unsqueeze(1), y,
             self.norm_w[p].index_select(0, r.row_slots).unsqueeze(1),

@@ -1,6 +1,7 @@
 """Cross-task dynamic batching: rows of ANY task wait in one queue and share backbone forwards.
 
-A batch closes when it has `max_batch_size` rows, when its padded tokens would exceed `max_batch_tokens`,
+A batch closes when it has `max_batch_size` rows, when its tokens would exceed `max_batch_tokens` (real
+tokens for an engine that packs its forwards, rows x longest row for a padded one),
 or when its oldest row has waited `max_wait_ms` (no wait when no other batch is running: nothing is
 gained by holding the only work back). Rows of similar length go together (less padding), and
 every batch includes the oldest waiting row (no starvation). With a `CacheBudget`, a batch admits only
@@ -35,7 +36,7 @@ class BatchStats:
     """What one forward did (for metrics)."""
 
     rows: int
-    padded_tokens: int
+    tokens: int  # what the forward computed on: real tokens (packed) or rows x longest row (padded)
     tasks: int
     seconds: float
     cut_short: bool = False  # rows of other tasks were kept out because the cache could not hold them too
@@ -65,6 +66,7 @@ class Batcher:
         *,
         max_batch_size: int = 32,
         max_batch_tokens: int = 8192,
+        packed: bool = False,
         max_wait_ms: float = 5.0,
         queue_limit: int = 2048,
         workers: int = 1,
@@ -74,6 +76,7 @@ class Batcher:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.packed = packed  # the token budget counts real tokens (the engine computes on no padding)
         self.max_wait = max_wait_ms / 1000.0
         self.queue_limit = queue_limit
         self._on_batch = on_batch
@@ -176,8 +179,10 @@ class Batcher:
     def _full(self) -> bool:
         if len(self._queue) >= self.max_batch_size:
             return True
-        longest = max(len(p.request.row) for p in self._queue)
-        return longest * len(self._queue) >= self.max_batch_tokens
+        return self._tokens([len(p.request.row) for p in self._queue]) >= self.max_batch_tokens
+
+    def _tokens(self, lengths: list[int]) -> int:
+        return sum(lengths) if self.packed else max(lengths) * len(lengths)
 
     def _take(self, limit: int, now: float) -> tuple[list[_Pending], bool]:
         """Remove and return the next batch (at most `limit` rows, and `max_batch_size`): the oldest row plus
@@ -202,7 +207,7 @@ class Batcher:
             if not candidates:
                 return [], True
         groups = pack_batches([len(p.request.row) for p in candidates], min(self.max_batch_size, limit),
-                              self.max_batch_tokens)
+                              self.max_batch_tokens, padded=not self.packed)
         chosen = [candidates[i] for i in groups[0]]  # groups[0] holds candidates[0], the oldest row
         taken = set(map(id, chosen))
         self._queue = deque(p for p in self._queue if id(p) not in taken and not p.future.done())
@@ -230,8 +235,8 @@ class Batcher:
             if not p.future.done():
                 p.future.set_result(r)
         if self._on_batch is not None:
-            longest = max(len(p.request.row) for p in batch)
+            tokens = self._tokens([len(p.request.row) for p in batch])
             tasks = len({(p.request.task, p.request.version) for p in batch})
             waits = tuple(started - p.kept_out for p in batch if p.kept_out is not None)
-            self._on_batch(BatchStats(len(batch), longest * len(batch), tasks, time.perf_counter() - t0,
+            self._on_batch(BatchStats(len(batch), tokens, tasks, time.perf_counter() - t0,
                                       cut_short, waits))

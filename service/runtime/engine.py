@@ -24,6 +24,7 @@ from service.modeling.backbone import Backbone
 from service.modeling.batch_plan import plan_batch
 from service.modeling.encoding import EncodedRow, Encoder
 from service.modeling.heads import SequenceHead, pool_tokens
+from service.modeling.packed import Packing, packed_forward
 from service.modeling.slot_pool import NO_ADAPTER, Strategy, install_slot_pool
 from service.runtime.cache import AdapterCache, CacheEntry
 
@@ -52,14 +53,17 @@ class RowResult:
     logits: torch.Tensor | None = None  # float32 CPU, kept only when asked (tests, evaluation)
 
 
-def default_strategy(device: torch.device, threads: int | None = None) -> Strategy:
+def default_strategy(device: torch.device, threads: int | None = None,
+                     dtype: torch.dtype = torch.float32) -> Strategy:
     """The faster way to mix tasks in one forward, as measured by bench/engine.py (docs/benchmarks.md).
 
-    CUDA: one gather of each row's weights + batched matmul (few kernel launches). CPU with one intra-op
-    thread per forward (the server's default on small machines: 2 workers x 1 thread): per-task segment
-    matmuls on the real tokens only. CPU with more threads per forward: gather + bmm, because small per-task
-    matmuls split badly across threads while a batched matmul hands whole rows to each thread."""
-    if device.type == "cuda":
+    CUDA: one gather of each task's (packed) or row's (padded) weights + batched matmul (few kernel
+    launches). CPU in bfloat16: gather + batched matmul too (small bfloat16 matmuls have a high fixed cost
+    each). CPU in float32 with one intra-op thread per forward (the server's default on small machines: 2
+    workers x 1 thread): per-task segment matmuls on the real tokens only. CPU with more threads per forward:
+    gather + bmm, because small per-task matmuls split badly across threads while a batched matmul hands
+    whole rows to each thread."""
+    if device.type == "cuda" or dtype is torch.bfloat16:
         return "gather"
     return "segment" if (threads or torch.get_num_threads()) <= 1 else "gather"
 
@@ -78,6 +82,7 @@ class Engine:
         cache_wait_s: float = 30.0,
         max_seq_length: int = 256,
         strategy: str = "auto",
+        packing: str = "auto",
         upload_max_bytes: int = 64 * 1024 * 1024,
         on_adapter_load: Callable[[CacheEntry, float], None] | None = None,
         on_adapter_evict: Callable[[CacheEntry], None] | None = None,
@@ -88,6 +93,11 @@ class Engine:
         if strategy not in ("auto", "segment", "gather"):
             raise ValueError(f"unknown mixed-task strategy {strategy!r}")
         self.strategy: Strategy | Literal["auto"] = strategy  # type: ignore[assignment]  # auto: chosen per forward
+        if packing not in ("auto", "on", "off"):
+            raise ValueError(f"unknown packing mode {packing!r}")
+        self.packed = packing != "off" and backbone.packable
+        if packing == "on" and not self.packed:
+            log.warning("packed forwards need the BERT layer layout; %s runs padded", backbone.ref.model_type)
         self.encoder = Encoder(backbone.tokenizer, min(max_seq_length, backbone.max_length), backbone.uses_token_type_ids)
         self.pool = install_slot_pool(
             backbone.model, backbone.spec, cache_max_slots, device=backbone.device, dtype=backbone.dtype
@@ -202,42 +212,70 @@ class Engine:
                     self.cache.release(got)
         return results
 
+    def compute_info(self) -> dict[str, str]:
+        """How this engine computes (for /readyz, the log and the `adapter_service_compute` metric)."""
+        p = self.backbone.precision
+        return {"device": str(self.backbone.device), "precision": p.mode, "precision_reason": p.reason,
+                "forward": "packed" if self.packed else "padded"}
+
     def resolved_strategy(self) -> Strategy:
         """The strategy the next forward uses (`auto` follows the device and this thread's torch threads)."""
-        return default_strategy(self.backbone.device) if self.strategy == "auto" else self.strategy
+        if self.strategy == "auto":
+            return default_strategy(self.backbone.device, dtype=self.backbone.dtype)
+        return self.strategy
 
     def _forward(self, requests, live, entries, results, keep_logits) -> None:
         slot_of = [entries[(requests[i].task, requests[i].version)].slot if requests[i].task else NO_ADAPTER
                    for i in live]
         plan = plan_batch(slot_of)
         rows = [requests[live[j]].row for j in plan.order]
-        batch = self.encoder.collate(rows, self.backbone.device)
-        mask = batch["attention_mask"]
         with torch.inference_mode():
-            routing = self.pool.routing(plan.segments, self.resolved_strategy(), [len(r) for r in rows])
-            with self.pool.route(routing):
-                hidden = self.backbone.model(**batch).last_hidden_state  # [B, T, d], rows sorted by slot
+            pool_rows, token_rows = (self._packed_hidden if self.packed else self._padded_hidden)(plan, rows)
             pooled: dict[str, torch.Tensor] = {}  # pooling -> [B, d], computed once for all sequence heads
-
-            def pooled_rows(kind: str, seg) -> torch.Tensor:
-                if kind not in pooled:
-                    pooled[kind] = pool_tokens(hidden, mask, kind)
-                return pooled[kind][seg.start : seg.stop]
-
             for seg in plan.segments:
                 req = requests[live[plan.order[seg.start]]]
-                if req.task is None:
-                    out = pooled_rows("mean", seg)
+                head = entries[(req.task, req.version)].head if req.task is not None else None
+                if head is None or isinstance(head, SequenceHead):
+                    kind = "mean" if head is None else head.config.pooling
+                    if kind not in pooled:
+                        pooled[kind] = pool_rows(kind)
+                    x = pooled[kind][seg.start : seg.stop]
+                    outs = list((x if head is None else head.from_pooled(x)).float().cpu())
                 else:
-                    head = entries[(req.task, req.version)].head
-                    if isinstance(head, SequenceHead):
-                        out = head.from_pooled(pooled_rows(head.config.pooling, seg))
-                    else:
-                        out = head(hidden[seg.start : seg.stop], mask[seg.start : seg.stop])
-                out = out.float().cpu()
-                for k in range(seg.stop - seg.start):
+                    outs = token_rows(head, seg)
+                for k, out in enumerate(outs):
                     i = live[plan.order[seg.start + k]]
-                    self._finish(requests[i], out[k], results[i], keep_logits, entries)
+                    self._finish(requests[i], out, results[i], keep_logits, entries)
+
+    def _padded_hidden(self, plan, rows):
+        """The routed forward over rows padded to the longest: (pool(kind) -> [B, d], token logits per row)."""
+        batch = self.encoder.collate(rows, self.backbone.device)
+        mask = batch["attention_mask"]
+        routing = self.pool.routing(plan.segments, self.resolved_strategy(), [len(r) for r in rows])
+        with self.pool.route(routing):
+            hidden = self.backbone.model(**batch).last_hidden_state  # [B, T, d], rows sorted by slot
+
+        def token_rows(head, seg) -> list[torch.Tensor]:
+            return list(head(hidden[seg.start : seg.stop], mask[seg.start : seg.stop]).float().cpu())
+
+        return (lambda kind: pool_tokens(hidden, mask, kind)), token_rows
+
+    def _packed_hidden(self, plan, rows):
+        """The routed forward over the rows' real tokens only (`service.modeling.packed`)."""
+        device = self.backbone.device
+        packing = Packing.of([len(r) for r in rows], device)
+        batch = self.encoder.collate_packed(rows, device)
+        routing = self.pool.routing_packed(plan.segments, packing.offsets, self.resolved_strategy())
+        with self.pool.route(routing):
+            hidden = packed_forward(self.backbone.model, self.backbone.spec, batch["input_ids"],
+                                    batch.get("token_type_ids"), packing)  # [N, d], rows sorted by slot
+
+        def token_rows(head, seg) -> list[torch.Tensor]:
+            a, b = packing.offsets[seg.start], packing.offsets[seg.stop]
+            logits = head(hidden[a:b], None).float().cpu()  # [tokens of the segment, C]
+            return list(logits.split(packing.lengths[seg.start : seg.stop]))
+
+        return (lambda kind: packing.pool(hidden, kind)), token_rows
 
     @staticmethod
     def _finish(req: RowRequest, out: torch.Tensor, result: RowResult, keep_logits: bool, entries) -> None:

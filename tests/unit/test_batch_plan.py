@@ -54,6 +54,23 @@ def test_pack_batches_respects_budgets(lengths, max_rows, max_tokens, batches):
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= max_tokens
 
 
+@pytest.mark.parametrize(
+    "lengths, max_rows, max_tokens, batches",
+    [
+        # real tokens: 50 + 3 + 4 = 57 fit 60, where padded (3 x 50 = 150) would not
+        ([50, 3, 4], 8, 60, [[1, 2, 0]]),
+        ([50, 3, 48, 4], 8, 60, [[0], [1, 3, 2]]),
+        ([10, 10, 10], 8, 25, [[0, 1], [2]]),
+        ([200, 5], 8, 100, [[0], [1]]),
+    ],
+)
+def test_pack_batches_counts_real_tokens_for_packed_forwards(lengths, max_rows, max_tokens, batches):
+    got = pack_batches(lengths, max_rows, max_tokens, padded=False)
+    assert got == batches
+    for b in got:
+        assert len(b) == 1 or sum(lengths[i] for i in b) <= max_tokens
+
+
 def test_pack_batches_rejects_empty_budget():
     with pytest.raises(ValueError):
         pack_batches([1], 0, 10)

@@ -61,9 +61,16 @@ def alone(engine: Engine, req: RowRequest):
     return res
 
 
-@pytest.mark.parametrize("strategy", ["segment", "gather"])
-def test_mixed_batch_equals_each_row_alone_for_every_head_type(tiny_backbone, store, strategy):
-    engine = build_engine(tiny_backbone, store, strategy=strategy)
+MODES = {"padded-segment": dict(strategy="segment", packing="off"),
+         "padded-gather": dict(strategy="gather", packing="off"),
+         "packed-segment": dict(strategy="segment", packing="on"),
+         "packed-gather": dict(strategy="gather", packing="on")}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_mixed_batch_equals_each_row_alone_for_every_head_type(tiny_backbone, store, mode):
+    engine = build_engine(tiny_backbone, store, **MODES[mode])
+    assert engine.packed is mode.startswith("packed")
     reqs = [r for task, _, _ in TASKS for r in requests_for(engine, task)]
     reqs += [RowRequest(None, 0, r) for r in engine.encode(None, TEXTS[:2])]  # plain-backbone rows too
     order = torch.randperm(len(reqs), generator=torch.Generator().manual_seed(0)).tolist()
@@ -80,13 +87,14 @@ def test_mixed_batch_equals_each_row_alone_for_every_head_type(tiny_backbone, st
     assert (a - b).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize(("device", "threads", "expected"), [
-    ("cuda", 1, "gather"), ("cuda", 8, "gather"),  # few kernel launches
-    ("cpu", 1, "segment"),  # one thread per forward: per-task matmuls on real tokens only
-    ("cpu", 2, "gather"), ("cpu", 16, "gather"),  # batched matmuls split across threads, small ones do not
+@pytest.mark.parametrize(("device", "threads", "dtype", "expected"), [
+    ("cuda", 1, torch.float16, "gather"), ("cuda", 8, torch.bfloat16, "gather"),  # few kernel launches
+    ("cpu", 1, torch.float32, "segment"),  # one thread per forward: per-task matmuls on real tokens only
+    ("cpu", 2, torch.float32, "gather"), ("cpu", 16, torch.float32, "gather"),  # bmm splits across threads
+    ("cpu", 1, torch.bfloat16, "gather"),  # small bfloat16 matmuls cost more each than one batched one
 ])
-def test_auto_strategy_follows_the_device_and_threads_per_forward(device, threads, expected):
-    assert default_strategy(torch.device(device), threads) == expected
+def test_auto_strategy_follows_the_device_threads_and_dtype(device, threads, dtype, expected):
+    assert default_strategy(torch.device(device), threads, dtype) == expected
 
 
 def test_auto_strategy_is_chosen_per_forward_and_unknown_ones_are_refused(tiny_backbone, store):
@@ -109,6 +117,7 @@ def test_auto_strategy_is_chosen_per_forward_and_unknown_ones_are_refused(tiny_b
 def test_mixed_batch_equals_alone_on_other_architectures(tiny_model_dirs, store, kind):
     backbone = load_backbone(str(tiny_model_dirs[kind]), device="cpu", dtype="float32")
     engine = build_engine(backbone, store)
+    assert engine.packed is (kind == "roberta")  # DistilBERT has another layer layout: padded forwards
     reqs = [r for task, _, _ in TASKS for r in requests_for(engine, task)]
     for req, res in zip(reqs, engine.run(reqs, keep_logits=True)):
         torch.testing.assert_close(res.logits, alone(engine, req).logits, atol=ATOL, rtol=0)

@@ -1,0 +1,107 @@
+"""Compute precision: which number format the frozen backbone computes in, chosen once per device.
+
+Modes (`ADAPTER_SERVICE_DTYPE`):
+- `float32`, `float16` (CUDA only), `bfloat16`: the backbone's weights and activations in that format.
+- `int8`: the backbone's frozen linear layers hold int8 weights and quantise their input activations
+  per batch (PyTorch's dynamic quantisation, `torch.ao.quantization.quantize_dynamic`, fbgemm/x86 kernels
+  with VNNI dot products); everything else (embeddings, attention, LayerNorm, adapters, heads) float32.
+  CPU only.
+- `auto`: the fastest mode whose accuracy we have measured to stay within the gate of docs/accuracy.md:
+  CUDA: bfloat16 where the GPU computes it natively (compute capability >= 8.0), else float16. CPU:
+  bfloat16 where the CPU has native bfloat16 dot products (AVX512-BF16 or AMX-BF16), else float32.
+  `int8` is never picked by `auto`: where we measured it (docs/benchmarks.md) bfloat16 was faster, and on
+  CPUs without bfloat16 we have not measured it; choose it explicitly after measuring on your CPU.
+
+Adapter and head weights stay float32 in bundles; the cache casts them to the compute dtype when it loads
+them (float32 under `int8`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "float32", "float16", "bfloat16", "int8")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The chosen compute mode: its name, the dtype of activations (and non-quantised weights), and why."""
+
+    mode: str  # float32 | float16 | bfloat16 | int8
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.mode == "int8"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16_cpu(flags: frozenset[str] | None = None) -> str | None:
+    """The CPU feature that computes bfloat16 natively (`amx_bf16` or `avx512_bf16`), or None."""
+    flags = cpu_flags() if flags is None else flags
+    for flag in ("amx_bf16", "avx512_bf16"):
+        if flag in flags:
+            return flag
+    return None
+
+
+def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | None = None,
+                     cuda_capability: tuple[int, int] | None = None) -> Precision:
+    """The compute mode for `requested` on `device` (a pure function of its inputs: the CPU's bfloat16 flag
+    and the GPU's compute capability are passed in, or read from the machine when None)."""
+    if requested not in MODES:
+        raise ValueError(f"unknown precision {requested!r}; one of {', '.join(MODES)}")
+    cpu = device.type == "cpu"
+    if requested == "auto":
+        if cpu:
+            flag = native_bf16_cpu() if cpu_bf16 is None else (cpu_bf16 or None)
+            if flag:
+                return Precision("bfloat16", torch.bfloat16, f"auto: the CPU computes bfloat16 natively ({flag})")
+            return Precision("float32", torch.float32, "auto: the CPU has no native bfloat16 (no avx512_bf16/amx_bf16)")
+        cap = torch.cuda.get_device_capability(device) if cuda_capability is None else cuda_capability
+        if cap >= (8, 0):
+            return Precision("bfloat16", torch.bfloat16, f"auto: GPU compute capability {cap[0]}.{cap[1]} >= 8.0")
+        return Precision("float16", torch.float16, f"auto: GPU compute capability {cap[0]}.{cap[1]} < 8.0")
+    if requested == "float16" and cpu:
+        raise ValueError("float16 is not supported on CPU; use bfloat16, int8 or float32")
+    if requested == "int8" and not cpu:
+        raise ValueError("int8 (dynamic quantisation) runs on CPU only; use float16 or bfloat16 on CUDA")
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
+    return Precision(requested, dtype[requested], "set by ADAPTER_SERVICE_DTYPE")
+
+
+def quantize_linear_layers(model: nn.Module) -> int:
+    """Replace every nn.Linear of the frozen `model` by its dynamically quantised int8 version, in place.
+    Returns how many were replaced.
+
+    `torch.ao.quantization` is deprecated in favour of torchao, but torchao 0.18's int8 dynamic
+    quantisation has no fast eager CPU kernel (1.04x float32 on MiniLM where this path is 1.9x: measured in
+    docs/benchmarks.md), so this stays on the maintained-until-removed fbgemm/x86 path; its deprecation
+    warning is silenced here only."""
+    import warnings
+
+    import torch.ao.quantization as tq
+
+    count = sum(1 for m in model.modules() if type(m) is nn.Linear)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+        tq.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return count

@@ -1,0 +1,130 @@
+"""Padding-free forwards equal padded ones, and the precision modes agree with float32 within stated bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.bundles.codec import encode_bundle
+from service.bundles.manifest import HeadType
+from service.bundles.synthetic import random_tensors
+from service.modeling.backbone import load_backbone
+from service.modeling.packed import Packing
+from service.runtime.engine import Engine, RowRequest
+from tests.conftest import make_manifest
+from tests.unit.test_engine_mixed import QA, TASKS, TEXTS
+
+# Rows of very different lengths: 3 tokens up to the tiny models' 128-position limit.
+LONG = " ".join(["word"] * 150)
+VARIED = ["ok", *TEXTS, LONG]
+
+
+def engines(backbone_dir: str, store, strategy: str = "segment", **kw) -> tuple[Engine, Engine]:
+    """Two engines on two loads of one backbone, sharing a store: packed and padded."""
+    out = []
+    for packing in ("on", "off"):
+        backbone = load_backbone(backbone_dir, device="cpu", **kw)
+        out.append(Engine(backbone, store, cache_max_slots=16, packing=packing, strategy=strategy,
+                          max_seq_length=128))
+    return out[0], out[1]
+
+
+def fill(store, ref, tasks=TASKS) -> None:
+    for i, (task, head, cfg) in enumerate(tasks):
+        manifest = make_manifest(ref, task=task, head_type=head, adapter=cfg)
+        store.put(task, encode_bundle(manifest, random_tensors(manifest, seed=i, std=0.2)))
+
+
+def all_requests(engine: Engine) -> list[RowRequest]:
+    reqs = []
+    for task, head, _ in TASKS:
+        manifest = engine.store.get_info(task, 1).manifest
+        if head is HeadType.QA:
+            rows = engine.encode(manifest, [q for q, _ in QA], [c for _, c in QA])
+        elif task == "cls2":
+            rows = engine.encode(manifest, VARIED[:3], VARIED[3:6])
+        else:
+            rows = engine.encode(manifest, VARIED)
+        reqs += engine.requests(task, 1, manifest, rows)
+    reqs += [RowRequest(None, 0, r) for r in engine.encode(None, VARIED)]
+    return reqs
+
+
+@pytest.mark.parametrize("strategy", ["segment", "gather"])
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_the_packed_forward_equals_the_padded_one(tiny_model_dirs, store, kind, strategy):
+    packed, padded = engines(str(tiny_model_dirs[kind]), store, strategy, dtype="float32")
+    fill(store, packed.backbone.ref)
+    assert packed.packed and not padded.packed
+    reqs = all_requests(packed)
+    assert max(len(r.row) for r in reqs) >= 120 and min(len(r.row) for r in reqs) <= 4  # RoBERTa: 126 positions
+    order = torch.randperm(len(reqs), generator=torch.Generator().manual_seed(1)).tolist()
+    mixed = [reqs[i] for i in order]
+    for a, b in zip(packed.run(mixed, keep_logits=True), padded.run(mixed, keep_logits=True)):
+        assert a.error is None and b.error is None, (a.error, b.error)
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+        assert a.prediction.keys() == b.prediction.keys()
+    for req in reqs[:1] + reqs[-1:]:  # a batch of one
+        (a,), (b,) = packed.run([req], keep_logits=True), padded.run([req], keep_logits=True)
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+
+
+def test_packing_places_tokens_and_pools_per_row():
+    p = Packing.of([3, 1, 2], torch.device("cpu"))
+    assert p.offsets == (0, 3, 4, 6) and p.tokens == 6 and p.max_length == 3 and not p.uniform
+    assert p.row_of_token.tolist() == [0, 0, 0, 1, 2, 2]
+    assert p.positions.tolist() == [0, 1, 2, 0, 0, 1]
+    assert p.pad_index.tolist() == [0, 1, 2, 3, 6, 7]
+    h = torch.arange(12, dtype=torch.float32).view(6, 2)
+    assert p.pool(h, "cls").tolist() == [[0, 1], [6, 7], [8, 9]]
+    assert p.pool(h, "mean").tolist() == [[2, 3], [6, 7], [9, 10]]
+    padded = p.to_padded(h)
+    assert padded.shape == (3, 3, 2) and padded[1, 1:].abs().sum() == 0
+    torch.testing.assert_close(p.from_padded(padded), h)
+    with pytest.raises(ValueError):
+        Packing.of([2, 0], torch.device("cpu"))
+
+
+# Reduced precisions against float32 on the tiny BERT (random weights, so logits of order 1): the bounds
+# are what these formats can hold (bfloat16: 8 bits of mantissa through 2 layers; int8: per-tensor weight
+# scales and per-batch activation scales), checked on max |difference| of every logit.
+PRECISION_ATOL = {"bfloat16": 0.1, "int8": 0.15}
+
+
+@pytest.mark.parametrize("precision", list(PRECISION_ATOL))
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_reduced_precisions_agree_with_float32_and_mixed_still_equals_alone(tiny_model_dirs, store, precision,
+                                                                             packing):
+    path = str(tiny_model_dirs["bert"])
+    ref_engine = Engine(load_backbone(path, device="cpu", dtype="float32"), store, cache_max_slots=16,
+                        packing=packing)
+    low = Engine(load_backbone(path, device="cpu", dtype=precision), store, cache_max_slots=16, packing=packing)
+    assert low.backbone.precision.mode == precision
+    fill(store, ref_engine.backbone.ref)
+    reqs = all_requests(ref_engine)
+    reference = ref_engine.run(reqs, keep_logits=True)
+    order = torch.randperm(len(reqs), generator=torch.Generator().manual_seed(2)).tolist()
+    mixed = [reqs[i] for i in order]
+    got = low.run(mixed, keep_logits=True)
+    worst = 0.0
+    for j, res in zip(order, got):
+        assert res.error is None, res.error
+        worst = max(worst, (res.logits - reference[j].logits).abs().max().item())
+        (alone,) = low.run([mixed[order.index(j)]], keep_logits=True)
+        # a mixed batch equals the row alone in this precision too (same kernels, up to summation order)
+        torch.testing.assert_close(res.logits, alone.logits, atol=PRECISION_ATOL[precision] / 10, rtol=0)
+    assert worst < PRECISION_ATOL[precision], worst
+    assert worst > 0  # really computed in another precision
+
+
+def test_int8_quantises_the_backbone_linear_layers_only(tiny_model_dirs, store):
+    backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="int8")
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    linears = [m for m in backbone.model.modules() if isinstance(m, (torch.nn.Linear, DynamicInt8Linear))]
+    assert linears and all(isinstance(m, DynamicInt8Linear) for m in linears)
+    assert all(type(m) is torch.nn.Embedding for m in backbone.model.embeddings.children()
+               if isinstance(m, torch.nn.Embedding))
+    assert backbone.dtype is torch.float32
+    f32 = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32")
+    assert backbone.ref.fingerprint == f32.ref.fingerprint  # bundles trained on float32 weights still match
