@@ -351,3 +351,13 @@ def split_by_article(examples: Sequence[QAExample], eval_articles: int, seed: in
         raise ValueError(f"eval_articles must be between 1 and {len(titles) - 1} (the file has {len(titles)} articles)")
     held = set(random.Random(seed).sample(titles, eval_articles))
     return [e for e in examples if e.title not in held], [e for e in examples if e.title in held]
+
+
+def split_holdout(examples: Sequence[Example], holdout: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """Hold out `holdout` examples (chosen with `random.Random(seed)`) of a training file as the split that
+    picks the best epoch, so that the real eval split is never looked at while training. Returns (train,
+    held out), each in file order."""
+    if not 0 < holdout < len(examples):
+        raise ValueError(f"holdout must be between 1 and {len(examples) - 1} (the file has {len(examples)} examples)")
+    held = set(random.Random(seed).sample(range(len(examples)), holdout))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])

@@ -17,6 +17,7 @@ from service.training.readers import (
     read_dataset,
     read_squad,
     split_by_article,
+    split_holdout,
 )
 from tests.conftest import DATASETS
 
@@ -220,6 +221,19 @@ def test_split_by_article_is_seeded_and_disjoint():
     assert [e.id for e in split_by_article(examples, 8, seed=1)[1]] != [e.id for e in held]
     with pytest.raises(ValueError):
         split_by_article(examples, 48)
+
+
+def test_split_holdout_is_seeded_disjoint_and_keeps_file_order(tmp_path):
+    examples = list(read_dataset(excerpt(tmp_path, "sst2/train.tsv", 201), CLS))
+    train, held = split_holdout(examples, 50, seed=0)
+    assert len(train) == 150 and len(held) == 50
+    assert sorted(map(id, train + held)) == sorted(map(id, examples))
+    positions = {id(e): i for i, e in enumerate(examples)}
+    assert [positions[id(e)] for e in held] == sorted(positions[id(e)] for e in held)
+    assert [id(e) for e in split_holdout(examples, 50, seed=0)[1]] == [id(e) for e in held]
+    assert [id(e) for e in split_holdout(examples, 50, seed=1)[1]] != [id(e) for e in held]
+    with pytest.raises(ValueError):
+        split_holdout(examples, 200)
 
 
 def test_missing_file_and_unknown_suffix(tmp_path):
