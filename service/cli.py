@@ -31,14 +31,28 @@ def serve(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N [env ADAPTER_SERVICE_DEVICE]")] = None,
 ):
     """Serve the HTTP API (settings from ADAPTER_SERVICE_* variables; options here override them)."""
+    import logging
+
+    import torch
     import uvicorn
 
     from service.api.app import create_app
+    from service.host_memory import keep_freed_memory
+    from service.modeling.backbone import pick_device
+    from service.runtime.runtime import forward_parallelism
     from service.settings import ServiceSettings
 
     overrides = {k: v for k, v in dict(host=host, port=port, backbone=backbone, store_dir=store_dir,
                                        redis_url=redis_url, device=device).items() if v is not None}
     settings = ServiceSettings(**overrides)
+    # Process-wide state, set here by the command that starts the process: logging, the host allocator, and
+    # torch's intra-op threads (the cores shared among the forward workers).
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.keep_freed_host_memory:
+        keep_freed_memory()
+    _, threads = forward_parallelism(settings, pick_device(settings.device))
+    if threads is not None:
+        torch.set_num_threads(threads)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=settings.access_log, timeout_graceful_shutdown=10)
 

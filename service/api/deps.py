@@ -1,10 +1,9 @@
-"""What route handlers reach through `request.app.state.svc`: the live runtime of one app."""
+"""What route handlers reach through `request.app.state.svc`: the runtime of one app and its HTTP extras."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import Request
 
@@ -15,6 +14,7 @@ from service.runtime.adapters import AdapterManager
 from service.runtime.batcher import Batcher
 from service.runtime.engine import Engine
 from service.runtime.registry import TaskRegistry
+from service.runtime.runtime import Runtime
 from service.settings import ServiceSettings
 
 
@@ -24,18 +24,33 @@ class Services:
     metrics: Metrics
     admin_token: str
     api_key: str | None
+    runtime: Runtime
     started_at: float = field(default_factory=time.time)
-    # set once the backbone is loaded and the runtime is wired (None while starting)
-    store: AdapterStore | None = None
-    engine: Engine | None = None
-    registry: TaskRegistry | None = None
-    batcher: Batcher | None = None
-    manager: AdapterManager | None = None
-    cluster: Any = None  # service.cluster sync object when a Redis registry is configured
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.batcher is not None and self.batcher.running
+        return self.runtime.ready
+
+    # The runtime's parts; each raises NotReady (503) until the runtime has started.
+    @property
+    def engine(self) -> Engine:
+        return self.runtime.engine
+
+    @property
+    def registry(self) -> TaskRegistry:
+        return self.runtime.registry
+
+    @property
+    def batcher(self) -> Batcher:
+        return self.runtime.batcher
+
+    @property
+    def manager(self) -> AdapterManager:
+        return self.runtime.manager
+
+    @property
+    def store(self) -> AdapterStore | None:
+        return self.runtime.store
 
 
 def services(request: Request) -> Services:

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from service.api.deps import Services
 from service.api.responses import JSON
 from service.errors import ServiceError
+from service.runtime.runtime import RuntimeState
 
 router = APIRouter(tags=["health"])
 
@@ -28,8 +29,10 @@ async def readyz(request: Request, allow_degraded: bool = False):
     serve its resident tasks, with `"status": "degraded"` and the failing checks: a shared Redis outage must
     not take every replica out of rotation at once."""
     svc: Services = request.app.state.svc
-    checks: dict[str, str] = {"backbone": "ok" if svc.engine is not None else "loading",
-                              "batcher": "ok" if svc.batcher is not None and svc.batcher.running else "stopped"}
+    rt = svc.runtime
+    started = rt.state is RuntimeState.READY
+    checks: dict[str, str] = {"backbone": "ok" if started else rt.state.value,
+                              "batcher": "ok" if rt.ready else "stopped"}
     if svc.store is not None:
         try:
             await run_in_threadpool(svc.store.ping)
@@ -38,8 +41,8 @@ async def readyz(request: Request, allow_degraded: bool = False):
             checks["store"] = exc.message
     else:
         checks["store"] = "not configured yet"
-    if svc.cluster is not None:
-        health = svc.cluster.health()
+    if rt.cluster is not None:
+        health = rt.cluster.health()
         checks["cluster"] = "ok" if health.connected else f"disconnected: {health.last_error or 'connecting'}"
     failed = {k: v for k, v in checks.items() if v != "ok"}
     can_serve = checks["backbone"] == "ok" and checks["batcher"] == "ok"

@@ -6,15 +6,14 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import torch
 
 from service.api.app import create_app
 from service.bundles.manifest import AdapterConfig, HeadType
+from service.runtime.runtime import Runtime
 from service.settings import ServiceSettings
 from tests.conftest import make_bundle, make_manifest
 
 ADMIN = "test-admin-token"
-TORCH_THREADS = torch.get_num_threads()
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 TASKS = {
     "sentiment": HeadType.CLASSIFICATION,
@@ -40,15 +39,15 @@ def seeded_store(tiny_backbone, store):
 
 @pytest.fixture
 def settings() -> ServiceSettings:
-    # Two forward workers (the CPU default), but the test process keeps its torch thread count: the app
-    # would otherwise set it process-wide for every later test.
+    # Two forward workers (the CPU default); the app leaves the process's torch threads alone (the serve
+    # command sets them).
     return ServiceSettings(admin_token=ADMIN, max_wait_ms=2, max_items_per_request=8, max_text_chars=500,
-                           upload_max_bytes=2 * 1024 * 1024, forward_workers=2, torch_threads=TORCH_THREADS)
+                           upload_max_bytes=2 * 1024 * 1024, forward_workers=2)
 
 
 @pytest.fixture
 async def client(tiny_backbone, seeded_store, settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, backbone=tiny_backbone, store=seeded_store)
+    app = create_app(Runtime(settings, backbone=tiny_backbone, store=seeded_store))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:

@@ -11,6 +11,7 @@ import pytest
 from service.api.app import create_app
 from service.bundles.manifest import AdapterConfig
 from service.errors import ConfigurationError
+from service.runtime.runtime import Runtime
 from tests.api.conftest import AUTH, TASKS
 from tests.conftest import make_bundle, make_manifest
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.anyio
 
 async def test_an_upload_while_every_slot_is_pinned_waits_and_succeeds(tiny_backbone, seeded_store, settings):
     settings = settings.model_copy(update={"cache_max_slots": 2, "cache_wait_s": 10.0})
-    app = create_app(settings, backbone=tiny_backbone, store=seeded_store)
+    app = create_app(Runtime(settings, backbone=tiny_backbone, store=seeded_store))
     async with app.router.lifespan_context(app):
         engine = app.state.svc.engine
         pins = [engine.cache.acquire("sentiment", 1), engine.cache.acquire("topics", 1)]  # every slot in use
@@ -43,7 +44,7 @@ async def test_an_upload_while_every_slot_is_pinned_waits_and_succeeds(tiny_back
 
 async def test_predicts_over_more_tasks_than_slots_all_succeed(tiny_backbone, seeded_store, settings):
     settings = settings.model_copy(update={"cache_max_slots": 2})
-    app = create_app(settings, backbone=tiny_backbone, store=seeded_store)
+    app = create_app(Runtime(settings, backbone=tiny_backbone, store=seeded_store))
     bodies = {"sentiment": {"text": "x"}, "topics": {"text": "x"}, "similarity": {"text": "a", "text_pair": "b"},
               "ner": {"text": "Ada lives in Paris"}, "squad": {"question": "who?", "context": "Ada did."}}
     transport = httpx.ASGITransport(app=app)
@@ -67,7 +68,7 @@ async def test_a_cache_that_holds_no_stored_task_is_refused_at_start_up(tiny_bac
     big = make_manifest(tiny_backbone.ref, task="big", adapter=AdapterConfig(bottleneck=4096))
     seeded_store.put("big", make_bundle(big))
     settings = settings.model_copy(update={"cache_max_bytes": 1024 * 1024})
-    app = create_app(settings, backbone=tiny_backbone, store=seeded_store)
+    app = create_app(Runtime(settings, backbone=tiny_backbone, store=seeded_store))
     with pytest.raises(ConfigurationError, match=r"cannot hold task 'big', which needs \d+ bytes"):
         async with app.router.lifespan_context(app):
             pass
