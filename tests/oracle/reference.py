@@ -1,0 +1,154 @@
+"""A reference ("oracle") implementation of one task's forward: adapters + head, written plainly.
+
+It serves as ground truth for the production engine (slot pool, routing, packing, gather/segment), so it
+shares none of that code: it does not import `service.modeling.slot_pool`, `packed`, `bottleneck` or
+`heads`. Only the bundle tensor names (`service.bundles.layout.adapter_key`) and the per-architecture module
+paths (`service.modeling.backbone.ARCHITECTURES`) are borrowed, because they are the contract being checked.
+
+One task at a time, one row at a time (batch of 1, no padding, no attention mask), on a fresh Hugging Face
+load of the backbone (`attn_implementation="eager"`, float32, eval mode: dropout off). The maths, for a task
+with adapter config (placement, m, act, train_layernorm) and bundle tensors:
+
+  At every layer l and every insertion point p of the placement (houlsby: attn and ffn; pfeiffer: ffn),
+  the output h [T, d] of the sublayer's output projection (BERT/RoBERTa: attention.output.dense and
+  output.dense; DistilBERT: attention.out_lin and ffn.lin2) is replaced, before the residual add, by
+
+      h' = h + (act(h @ D + b_D) @ U + b_U)
+
+  with D = adapter.l.p.down.weight [d, m], b_D = adapter.l.p.down.bias [m], U = adapter.l.p.up.weight
+  [m, d], b_U = adapter.l.p.up.bias [d] (the `x @ W` convention of the bundle layout). With
+  train_layernorm, the LayerNorm that follows (on h' + residual) uses the task's own affine parameters:
+
+      LN(x) = (x - mean(x)) / sqrt(var(x) + eps) * adapter.l.p.norm.weight + adapter.l.p.norm.bias
+
+  (biased variance over the last dimension, eps = the backbone LayerNorm's own eps). Activations:
+  gelu(x) = x/2 * (1 + erf(x / sqrt 2)) (exact, not the tanh approximation), relu(x) = max(x, 0),
+  swish(x) = x * sigmoid(x).
+
+  Head, on the last hidden states H [T, d] of the row (its own tokens only):
+  - sequence-level (classification, multilabel, regression):
+        v = H[0] (pooling "cls": the first token) or mean_t H[t] (pooling "mean")
+        v = tanh(v @ Wd^T + bd)  with Wd = head.dense.weight, bd = head.dense.bias (only when hidden_layer)
+        logits = v @ Wo^T + bo   with Wo = head.out.weight [C, d], bo = head.out.bias [C]      -> [C]
+    (head weights are stored as (out, in), the nn.Linear convention, unlike the adapters' (in, out)).
+  - token-level (token classification, QA: C = 2 for start/end): logits = H @ Wo^T + bo    -> [T, C]
+  - no task (plain backbone): the mean of H over the row's tokens                              -> [d]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from service.bundles.layout import adapter_key
+from service.bundles.manifest import Activation, HeadType, Manifest
+from service.modeling.backbone import ARCHITECTURES
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(x, min=0.0)
+
+
+def _swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+ACTIVATION_FUNCTIONS: dict[Activation, Callable[[torch.Tensor], torch.Tensor]] = {
+    Activation.GELU: _gelu,
+    Activation.RELU: _relu,
+    Activation.SWISH: _swish,
+}
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+class Oracle:
+    """A fresh, unpatched backbone that computes one task's logits row by row (see the module docstring)."""
+
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoModel
+
+        self.model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager", local_files_only=True)
+        self.model.float().eval().requires_grad_(False)
+        self.model_type = self.model.config.model_type
+        self.spec = ARCHITECTURES[self.model_type]
+        self.layers = list(self.model.get_submodule(self.spec.layers))
+
+    # --- hooks: the adapter and the task's LayerNorm at each insertion point -----------------------------
+
+    def _install(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> list:
+        cfg = manifest.adapter
+        if cfg is None:
+            return []
+        act = ACTIVATION_FUNCTIONS[cfg.activation]
+        handles = []
+        for layer_index, layer in enumerate(self.layers):
+            for point in cfg.points:
+                def t(part: str, _l: int = layer_index, _p: str = point) -> torch.Tensor:
+                    return tensors[adapter_key(_l, _p, part)].float()
+
+                down_w, down_b, up_w, up_b = t("down.weight"), t("down.bias"), t("up.weight"), t("up.bias")
+                assert down_w.shape == (manifest.backbone.hidden_size, cfg.bottleneck)
+
+                def adapter_hook(module, inputs, h, dw=down_w, db=down_b, uw=up_w, ub=up_b):
+                    return h + (act(h @ dw + db) @ uw + ub)
+
+                projection = layer.get_submodule(self.spec.projection(point))
+                handles.append(projection.register_forward_hook(adapter_hook))
+                if cfg.train_layernorm:
+                    norm_w, norm_b = t("norm.weight"), t("norm.bias")
+
+                    def norm_hook(module, inputs, _out, w=norm_w, b=norm_b):
+                        return layer_norm(inputs[0], w, b, module.eps)
+
+                    norm = layer.get_submodule(self.spec.norm(point))
+                    handles.append(norm.register_forward_hook(norm_hook))
+        return handles
+
+    def hidden(self, input_ids: Sequence[int], token_type_ids: Sequence[int] | None) -> torch.Tensor:
+        """The backbone's last hidden states of one row, alone: [T, d]."""
+        kwargs = {"input_ids": torch.tensor([list(input_ids)], dtype=torch.long)}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = torch.tensor([list(token_type_ids)], dtype=torch.long)
+        with torch.no_grad():
+            return self.model(**kwargs).last_hidden_state[0]
+
+    # --- the head --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def head(manifest: Manifest | None, tensors: dict[str, torch.Tensor], H: torch.Tensor) -> torch.Tensor:
+        if manifest is None:
+            return H.mean(0)
+        Wo, bo = tensors["head.out.weight"].float(), tensors["head.out.bias"].float()
+        if manifest.head_type in (HeadType.TOKEN_CLASSIFICATION, HeadType.QA):
+            return H @ Wo.T + bo  # [T, C]
+        v = H[0] if manifest.head.pooling == "cls" else H.mean(0)
+        if manifest.head.hidden_layer:
+            v = torch.tanh(v @ tensors["head.dense.weight"].float().T + tensors["head.dense.bias"].float())
+        return v @ Wo.T + bo  # [C]
+
+    # --- one task --------------------------------------------------------------------------------------
+
+    def logits(self, manifest: Manifest | None, tensors: dict[str, torch.Tensor] | None, rows) -> list[torch.Tensor]:
+        """Logits of each row (objects with `input_ids` and `token_type_ids`, e.g. `EncodedRow`) for the task
+        of `manifest` with bundle `tensors`; `manifest=None`: the plain backbone's mean-pooled hidden state."""
+        tensors = tensors or {}
+        if manifest is not None:
+            assert manifest.backbone.model_type == self.model_type, "bundle is for another architecture"
+        handles = self._install(manifest, tensors) if manifest is not None else []
+        try:
+            return [self.head(manifest, tensors, self.hidden(r.input_ids, r.token_type_ids)) for r in rows]
+        finally:
+            for h in handles:
+                h.remove()
