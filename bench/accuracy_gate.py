@@ -14,20 +14,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# Run as a script (`python bench/accuracy_gate.py`), the import path starts at bench/, not at the repo
+# root: put the root first, for the bench.*, service.* and tests.* imports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import time
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import REPO, machine  # noqa: E402
-from service.bundles.store import LocalAdapterStore  # noqa: E402
-from service.modeling.backbone import load_backbone  # noqa: E402
-from service.training.data import examples_for_bundle  # noqa: E402
-from service.training.evaluation import engine_for, evaluate_task  # noqa: E402
+from bench.common import REPO, machine
+from service.bundles.store import LocalAdapterStore
+from service.modeling.backbone import load_backbone
+from service.training.data import examples_for_bundle
+from service.training.evaluation import engine_for, evaluate_task
 
 GATE_POINTS = 0.5
 HEADLINE = {"sst2": "accuracy", "ag_news": "accuracy", "mrpc": "accuracy", "stsb": "pearson",

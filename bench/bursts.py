@@ -16,22 +16,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, bench/ would head the import path, and bench/http.py would shadow the standard library's
-# `http` (which aiohttp imports): put the repo root in its place.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# Run as a script (`python bench/bursts.py`), the import path starts at bench/, not at the repo
+# root: put the root first, for the bench.*, service.* and tests.* imports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import asyncio
+import json
+import subprocess
+import tempfile
+import time
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from bench.common import REPO, machine, median, peer_sentences_module, random_task_store  # noqa: E402
-from bench.http import start, stop, wait_http  # noqa: E402
+from bench.common import REPO, machine, median, peer_sentences_module, random_task_store
+from bench.http_bench import start, stop, wait_http
 
 BURST = 32
 

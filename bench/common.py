@@ -32,7 +32,7 @@ def random_task_store(root: Path, backbone_ref, n: int, bottleneck: int = 64, pl
     from service.bundles.codec import encode_bundle
     from service.bundles.manifest import AdapterConfig, HeadType, Manifest
     from service.bundles.store import LocalAdapterStore
-    from service.bundles.synthetic import random_tensors
+    from tests.synthetic import random_tensors
 
     store = LocalAdapterStore(root)
     names = [f"task{i:02d}" for i in range(n)]

@@ -29,21 +29,20 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, bench/ would head the import path, and bench/http.py would shadow the standard library's
-# `http` (which torch imports): put the repo root in its place.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# Run as a script (`python bench/engine.py`), the import path starts at bench/, not at the repo
+# root: put the root first, for the bench.*, service.* and tests.* imports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import machine, median, peer_sentences_module, percentile, random_task_store  # noqa: E402
-from service.api.app import forward_parallelism  # noqa: E402
-from service.bundles.store import LocalAdapterStore  # noqa: E402
-from service.host_memory import keep_freed_memory  # noqa: E402
-from service.modeling.backbone import load_backbone, pick_device, resolve_backbone_path  # noqa: E402
-from service.modeling.precision import choose_precision  # noqa: E402
-from service.runtime.engine import Engine, RowRequest  # noqa: E402
-from service.settings import ServiceSettings  # noqa: E402
+from bench.common import machine, median, peer_sentences_module, percentile, random_task_store
+from service.bundles.store import LocalAdapterStore
+from service.host_memory import keep_freed_memory
+from service.modeling.backbone import load_backbone, pick_device, resolve_backbone_path
+from service.modeling.precision import choose_precision
+from service.runtime.engine import Engine, RowRequest
+from service.runtime.runtime import forward_parallelism
+from service.settings import ServiceSettings
 
 BASELINE = "float32_padded_backbone_only"
 

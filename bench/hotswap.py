@@ -25,23 +25,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, bench/ would head the import path, and bench/http.py would shadow the standard library's
-# `http` (which aiohttp imports): put the repo root in its place (for bench.* and tests.*).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# Run as a script (`python bench/hotswap.py`), the import path starts at bench/, not at the repo
+# root: put the root first, for the bench.*, service.* and tests.* imports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+import argparse
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from bench.common import machine, peer_sentences_module, percentile, random_task_store  # noqa: E402
+from bench.common import machine, peer_sentences_module, percentile, random_task_store
 
 TOKEN = "hotswap-bench"
 SWAPPED = "task00"
@@ -225,10 +224,10 @@ def main() -> None:
 
     from service.bundles.codec import encode_bundle
     from service.bundles.store import LocalAdapterStore
-    from service.bundles.synthetic import random_tensors
     from service.cluster.redis_store import RedisAdapterStore
     from service.cluster.seed import seed_redis
     from service.modeling.backbone import load_backbone
+    from tests.synthetic import random_tensors
 
     try:
         from tests.cluster.processes import NginxServer, RedisServer, ServiceReplica

@@ -6,7 +6,7 @@ each worker sends its next request when the previous one returns. It stops by it
 or at the overall deadline (outstanding requests are cancelled and counted as errors). One unmeasured
 warm-up request per task first, so lazy adapter loading is not measured as latency.
 
-bench/http.py drives it; alone, it points at any server with the `POST /predict/{task}` `{"text"}` API:
+bench/http_bench.py drives it; alone, it points at any server with the `POST /predict/{task}` `{"text"}` API:
 
     .venv/bin/python bench/loadgen.py --url http://127.0.0.1:8000 --tasks sst2,ag_news -c 32 -n 640
 """
@@ -16,22 +16,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, bench/ would head the import path, and bench/http.py would shadow the standard library's
-# `http` (which aiohttp imports): put the repo root in its place.
+# Run as a script (`python bench/loadgen.py`), the import path starts at bench/, not at the repo
+# root: put the root first, for the bench.*, service.* and tests.* imports.
 if __name__ == "__main__":
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+import argparse
+import asyncio
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from bench.common import peer_sentences_module, percentile  # noqa: E402
+from bench.common import peer_sentences_module, percentile
 
 
 @dataclass

@@ -20,25 +20,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, bench/ would head the import path, and bench/http.py would shadow the standard library's
-# `http` (which aiohttp imports): put the repo root in its place.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# Run as a script (`python bench/soak.py`), the import path starts at bench/, not at the repo
+# root: put the root first, for the bench.*, service.* and tests.* imports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from bench.common import REPO, machine, random_task_store  # noqa: E402
-from bench.http import start, stop, wait_http  # noqa: E402
-from bench.loadgen import run_load  # noqa: E402
+from bench.common import REPO, machine, random_task_store
+from bench.http_bench import start, stop, wait_http
+from bench.loadgen import run_load
 
 TOKEN = "soak-bench"
 
@@ -54,7 +53,7 @@ def new_versions(names: list[str], ref, count: int) -> list[tuple[str, bytes]]:
     """`count` bundles of new versions: random weights, tasks drawn from `names` with a fixed seed."""
     from service.bundles.codec import encode_bundle
     from service.bundles.manifest import AdapterConfig, HeadType, Manifest
-    from service.bundles.synthetic import random_tensors
+    from tests.synthetic import random_tensors
 
     rng = random.Random(7)
     out = []

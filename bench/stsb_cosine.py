@@ -12,21 +12,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, bench/ would head the import path, and bench/http.py would shadow the standard library's
-# `http` (which torch imports): put the repo root in its place.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# Run as a script (`python bench/stsb_cosine.py`), the import path starts at bench/, not at the repo
+# root: put the root first, for the bench.*, service.* and tests.* imports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
+import argparse
+import csv
+import json
 
-import torch  # noqa: E402
+import torch
 
-from service.bundles.store import LocalAdapterStore  # noqa: E402
-from service.modeling.backbone import load_backbone  # noqa: E402
-from service.runtime.engine import Engine, RowRequest  # noqa: E402
-from service.training.metrics import pearson, spearman  # noqa: E402
+from service.bundles.store import LocalAdapterStore
+from service.modeling.backbone import load_backbone
+from service.runtime.engine import Engine, RowRequest
+from service.training.metrics import pearson, spearman
 
 REPO = Path(__file__).resolve().parents[1]
 

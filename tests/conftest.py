@@ -16,9 +16,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 from service.bundles.codec import encode_bundle  # noqa: E402
 from service.bundles.manifest import AdapterConfig, BackboneRef, HeadConfig, HeadType, Manifest  # noqa: E402
 from service.bundles.store import LocalAdapterStore  # noqa: E402
-from service.bundles.synthetic import random_tensors  # noqa: E402
 from service.modeling.backbone import Backbone, load_backbone, resolve_backbone_path  # noqa: E402
 from service.settings import DEFAULT_BACKBONE  # noqa: E402
+from tests.synthetic import random_tensors  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

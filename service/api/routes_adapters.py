@@ -19,9 +19,9 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 ADMIN = {401: {"description": "Missing bearer token"}, 403: {"description": "Wrong token"}}
 
 
-def _upload_body(info: VersionInfo) -> dict:
+def _upload_body(info: VersionInfo, active: bool) -> dict:
     m = info.manifest
-    return {"task": info.task, "version": info.version, "sha256": info.sha256, "active": True,
+    return {"task": info.task, "version": info.version, "sha256": info.sha256, "active": active,
             "head_type": m.head_type.value, "labels": m.labels, "size_bytes": info.size_bytes}
 
 
@@ -35,13 +35,15 @@ async def upload(
     file: Annotated[UploadFile, File(description="A bundle (.safetensors) made by `adapter-service train`")],
 ):
     """Upload a bundle: validated fully and smoke-tested, then stored as the task's next version and made
-    active. Requests already admitted finish on the version they started with."""
+    active. Requests already admitted finish on the version they started with. `active` says whether it
+    still is when the answer is written (another replica's write may have moved the pointer since)."""
     limit = svc.settings.upload_max_bytes
     data = await file.read(limit + 1)
     if len(data) > limit:
         raise BundleTooLarge(file.size or len(data), limit)
     info = await run_in_threadpool(svc.manager.upload, data)
-    return _upload_body(info)
+    active = await run_in_threadpool(svc.manager.is_active, info.task, info.version)
+    return _upload_body(info, active)
 
 
 @router.get("", response_model=TaskList, dependencies=[Depends(require_api_key)])

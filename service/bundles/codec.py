@@ -36,10 +36,6 @@ class Bundle:
     sha256: str | None  # of the file; None when the caller did not ask for it (cache loads)
     size_bytes: int
 
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
 
 def encode_bundle(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> bytes:
     """Serialise a bundle. Checks the tensors against the manifest first, so a bad bundle is never written."""

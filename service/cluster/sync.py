@@ -7,7 +7,8 @@
     sync.stop()
 
 Writes need no publishing by the app: `RedisAdapterStore` announces each of its writes once it is
-durable, with the generation it produced (`publish()` is only for a store built with `announce=False`).
+durable, with the generation it produced (a store built with `announce=False` announces nothing: replicas
+then learn of its writes by resync only).
 
 What it guarantees, with `on_task_changed(task)` and `on_resync()` supplied by the app:
 
@@ -41,8 +42,8 @@ import redis
 from pydantic import ValidationError
 from redis.backoff import ExponentialWithJitterBackoff
 
-from service.cluster.connection import connect, redis_errors
-from service.cluster.events import ChangeEvent, EventKind, publish_event
+from service.cluster.connection import connect
+from service.cluster.events import ChangeEvent
 from service.cluster.redis_store import RedisAdapterStore
 from service.errors import StoreUnavailable
 
@@ -128,17 +129,6 @@ class ClusterSync:
         self._sub_client.close()
         self._sub_client.connection_pool.disconnect()
         self._set_state(SyncState.STOPPED)
-
-    def publish(self, kind: EventKind | str, task: str, version: int | None) -> None:
-        """Announce a write made through this replica's store. A `RedisAdapterStore` already announces
-        each of its writes, with the generation the write produced, so this only publishes for a store
-        built with `announce=False` (then with the store's current generation)."""
-        if self.store.announce:
-            return
-        event = ChangeEvent(kind=EventKind(kind), task=task, version=version,
-                            generation=max(1, self.store.generation()), origin=self.store.replica_id)
-        with redis_errors():
-            publish_event(self.store.client, self.store.events_channel, event)
 
     def wait_connected(self, timeout: float) -> bool:
         """Block until the first (re)connection and its resync are done; False on timeout."""

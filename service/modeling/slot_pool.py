@@ -154,12 +154,6 @@ class SlotPool:
     def bottleneck_capacity(self) -> int:
         return self.down_w.shape[-1]
 
-    def slot_bytes(self) -> int:
-        """Device bytes one slot takes in the pool."""
-        per = self.down_w[:, 0].numel() + self.down_b[:, 0].numel() + self.up_w[:, 0].numel()
-        per += self.up_b[:, 0].numel() + self.norm_w[:, 0].numel() + self.norm_b[:, 0].numel()
-        return per * self.down_w.element_size()
-
     # --- writes (cache loads and evictions) ---------------------------------------------------
 
     def write(self, slot: int, cfg: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -286,7 +280,7 @@ class SlotPool:
 
     # --- the maths -----------------------------------------------------------------------------
 
-    def apply_adapters(self, p: int, point: str, h: torch.Tensor, r: Routing) -> torch.Tensor:
+    def apply_adapters(self, p: int, h: torch.Tensor, r: Routing) -> torch.Tensor:
         """h [B, T, d] (output of the projection, rows sorted by slot), or [N, d] in a packed forward ->
         h + adapter(h), per row's slot: adapter(x) = act(x @ down_w + down_b) @ up_w + up_b."""
         if r.packed:
@@ -393,7 +387,7 @@ class RoutedProjection(nn.Module):
 
     def __init__(self, base: nn.Module, pool: SlotPool, layer: int, point: str):
         super().__init__()
-        self.base, self.layer, self.point = base, layer, point
+        self.base = base
         self.p = SlotPool.point_index(layer, point)
         self._pool = [pool]  # a list, so the pool is not registered as a submodule
 
@@ -402,7 +396,7 @@ class RoutedProjection(nn.Module):
         r = self._pool[0].current()
         if r is None or not r.any_adapter:
             return h
-        return self._pool[0].apply_adapters(self.p, self.point, h, r)
+        return self._pool[0].apply_adapters(self.p, h, r)
 
 
 class RoutedLayerNorm(nn.Module):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from service.bundles.manifest import check_task_name
 from service.bundles.store import AdapterStore, VersionInfo
-from service.errors import StoreUnavailable
+from service.errors import StoreUnavailable, TaskNotFound
 from service.runtime.engine import Engine
 from service.runtime.registry import TaskRegistry
 
@@ -73,6 +73,18 @@ class AdapterManager:
 
     def versions(self, task: str) -> list[VersionInfo]:
         return [self.store.get_info(task, v) for v in self.store.list_versions(task)]
+
+    def is_active(self, task: str, version: int) -> bool:
+        """Whether `version` is `task`'s active version now (another write may have moved the pointer since
+        this replica's own). Never raises: an upload already durable must still be acknowledged, so with the
+        store unreachable it answers from this replica's registry."""
+        try:
+            return self.store.get_active(task) == version
+        except TaskNotFound:  # deleted since
+            return False
+        except StoreUnavailable:
+            view = self.registry.get(task)
+            return view is not None and view.version == version
 
     def _refresh_after_write(self, task: str) -> None:
         """The write is durable once the store returned: never turn it into an error (a client would retry

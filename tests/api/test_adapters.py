@@ -9,10 +9,10 @@ import torch
 
 from service.bundles.codec import encode_bundle
 from service.bundles.manifest import AdapterConfig, HeadType
-from service.bundles.synthetic import random_tensors
 from service.errors import StoreUnavailable
 from tests.api.conftest import AUTH
 from tests.conftest import make_bundle, make_manifest
+from tests.synthetic import random_tensors
 
 pytestmark = pytest.mark.anyio
 
@@ -142,6 +142,32 @@ async def test_list_and_detail(client):
     assert (await client.get("/adapters/unknown")).status_code == 404
 
 
+async def test_versions_report_active_false_once_another_is_active(client, monkeypatch):
+    """`active` is the real pointer: false for every version but the active one, in the detail after a
+    rollback and in an upload's answer when another write moved the pointer before the answer."""
+    assert (await upload(client, bundle_for(client))).json()["active"] is True
+    r = await client.put("/adapters/sentiment/active", json={"version": 1}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["active_version"] == 1
+    detail = (await client.get("/adapters/sentiment")).json()
+    assert detail["active_version"] == 1
+    assert [(v["version"], v["active"]) for v in detail["versions"]] == [(1, True), (2, False)]
+
+    store = client.app.state.svc.store
+    put = store.put
+
+    def put_then_rolled_back(task, data, **kw):  # another replica rolls back right after this write
+        info = put(task, data, **kw)
+        store.set_active(task, 1)
+        return info
+
+    monkeypatch.setattr(store, "put", put_then_rolled_back)
+    r = await upload(client, bundle_for(client, seed=8))
+    assert r.status_code == 201, r.text
+    assert r.json()["version"] == 3 and r.json()["active"] is False
+    detail = (await client.get("/adapters/sentiment")).json()
+    assert [(v["version"], v["active"]) for v in detail["versions"]] == [(1, True), (2, False), (3, False)]
+
+
 async def test_health_ready_and_metrics(client):
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = await client.get("/readyz")
@@ -205,4 +231,5 @@ async def test_an_upload_stored_durably_is_acknowledged_even_if_the_refresh_fail
     monkeypatch.setattr(svc.registry, "refresh", store_gone)
     r = await upload(client, bundle_for(client))
     assert r.status_code == 201 and r.json()["version"] == 2  # durable in the store: acknowledged, not 503
+    assert r.json()["active"] is True
     assert svc.store.get_active("sentiment") == 2

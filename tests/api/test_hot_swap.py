@@ -9,9 +9,9 @@ import pytest
 
 from service.bundles.codec import encode_bundle
 from service.bundles.manifest import AdapterConfig, HeadType
-from service.bundles.synthetic import random_tensors
 from tests.api.conftest import AUTH
 from tests.conftest import make_manifest
+from tests.synthetic import random_tensors
 
 pytestmark = pytest.mark.anyio
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.cluster.nginx import render_site, standalone_config, upstream_servers
+from tests.cluster.nginx import render_site, standalone_config, upstream_servers
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.cluster.nginx import TEMPLATE, render_site, standalone_config
+from tests.cluster.nginx import TEMPLATE, render_site, standalone_config
 from tests.cluster.processes import require_binary
 from tests.conftest import REPO
 

@@ -29,11 +29,11 @@ import pytest
 
 from service.bundles.codec import encode_bundle
 from service.bundles.manifest import HeadType
-from service.bundles.synthetic import random_tensors
 from service.cluster.redis_store import RedisAdapterStore
 from service.modeling.backbone import load_backbone
 from tests.cluster.processes import NginxServer, RedisServer, ServiceReplica
 from tests.conftest import make_manifest
+from tests.synthetic import random_tensors
 
 pytestmark = pytest.mark.cluster
 

@@ -7,9 +7,9 @@ import torch
 
 from service.bundles.codec import encode_bundle
 from service.bundles.manifest import AdapterConfig, HeadType
-from service.bundles.synthetic import random_tensors
 from service.runtime.engine import Engine, RowRequest
 from tests.conftest import make_manifest
+from tests.synthetic import random_tensors
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
-"""Every benchmark script starts (its `--help`) when run the documented way, `python bench/NAME.py`:
-bench/http.py must not shadow the standard library's `http` for the others."""
+"""Every benchmark script starts (its `--help`) when run the documented way, `python bench/NAME.py`, with
+bench/ first on the import path: no file there may shadow a standard-library module."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name not in 
 
 
 def test_the_scripts_are_found():
-    assert {"engine.py", "http.py", "hotswap.py", "loadgen.py"} <= set(SCRIPTS)
+    assert {"engine.py", "http_bench.py", "hotswap.py", "loadgen.py"} <= set(SCRIPTS)
+
+
+def test_no_bench_module_shadows_the_standard_library():
+    names = {p.stem for p in (REPO / "bench").glob("*.py")}
+    assert names & set(sys.stdlib_module_names) == set()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

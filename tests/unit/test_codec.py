@@ -13,10 +13,10 @@ from safetensors.torch import save as st_save
 from service.bundles.codec import decode_bundle, encode_bundle, read_manifest
 from service.bundles.layout import adapter_parameter_count, expected_shapes
 from service.bundles.manifest import AdapterConfig, BackboneRef, HeadType, Manifest
-from service.bundles.synthetic import random_tensors
 from service.errors import BackboneMismatch, BundleInvalid, BundleTooLarge
 from service.modeling.bottleneck import BottleneckAdapter
 from tests.conftest import LABELS, make_manifest
+from tests.synthetic import random_tensors
 
 REF = BackboneRef(id="tiny", fingerprint="ab" * 32, model_type="bert", hidden_size=32, num_layers=2)
 LIMIT = 64 * 1024 * 1024

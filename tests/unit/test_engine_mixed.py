@@ -8,12 +8,12 @@ import torch
 
 from service.bundles.codec import encode_bundle
 from service.bundles.manifest import AdapterConfig, HeadType
-from service.bundles.synthetic import random_tensors
 from service.errors import TaskNotFound, VersionNotFound
 from service.modeling.backbone import load_backbone
 from service.modeling.bottleneck import adapter_tensors, attach_adapters
 from service.runtime.engine import Engine, RowRequest, default_strategy
 from tests.conftest import make_manifest
+from tests.synthetic import random_tensors
 
 ATOL = 1e-5
 

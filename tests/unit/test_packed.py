@@ -7,11 +7,11 @@ import torch
 
 from service.bundles.codec import encode_bundle
 from service.bundles.manifest import HeadType
-from service.bundles.synthetic import random_tensors
 from service.modeling.backbone import load_backbone
 from service.modeling.packed import Packing
 from service.runtime.engine import Engine, RowRequest
 from tests.conftest import make_manifest
+from tests.synthetic import random_tensors
 from tests.unit.test_engine_mixed import QA, TASKS, TEXTS
 
 # Rows of very different lengths: 3 tokens up to the tiny models' 128-position limit.

@@ -1,7 +1,7 @@
 """HTTP benchmark: our service vs the AdapterHub peer on the same traffic, with the in-process engine as the
 ceiling, all measured in one run.
 
-    .venv/bin/python bench/http.py [--concurrency 1,8,32] [--rounds 2] [--no-peer]
+    .venv/bin/python bench/http_bench.py [--concurrency 1,8,32] [--rounds 2] [--no-peer]
 
 16 tasks (random Houlsby adapters, bottleneck 64, 2-class heads) on the packaged all-MiniLM-L6-v2, uniformly
 mixed, seeded sentences of 8-30 words (the peer's generator), one request = one sentence. Each round runs,
@@ -20,23 +20,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named http.py: run as a script, its folder would shadow the standard library's `http`
-# package (which urllib, httpx and aiohttp import). Put the repo root in its place on the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# Run as a script (`python bench/http_bench.py`), the import path starts at bench/, not at the repo
+# root: put the root first, for the bench.*, service.* and tests.* imports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import tempfile
+import time
 
-import httpx  # noqa: E402
+import httpx
 
-from bench.common import PEER_DIR, REPO, machine, median, peer_sentences_module, random_task_store  # noqa: E402
-from bench.loadgen import run_load  # noqa: E402
+from bench.common import PEER_DIR, REPO, machine, median, peer_sentences_module, random_task_store
+from bench.loadgen import run_load
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
