@@ -6,9 +6,8 @@ Heavy imports (torch, transformers, the app) happen inside the commands, so `--h
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -42,8 +41,8 @@ def serve(
     from service.runtime.runtime import forward_parallelism
     from service.settings import ServiceSettings
 
-    overrides = {k: v for k, v in dict(host=host, port=port, backbone=backbone, store_dir=store_dir,
-                                       redis_url=redis_url, device=device).items() if v is not None}
+    given = dict(host=host, port=port, backbone=backbone, store_dir=store_dir, redis_url=redis_url, device=device)
+    overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     settings = ServiceSettings(**overrides)
     # Process-wide state, set here by the command that starts the process: logging, the host allocator, and
     # torch's intra-op threads (the cores shared among the forward workers).
@@ -139,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

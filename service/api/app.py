@@ -56,7 +56,8 @@ def create_app(config: ServiceSettings | Runtime | None = None) -> FastAPI:
                           on_adapter_load=metrics.observe_load)
     settings = runtime.settings
     generated = settings.admin_token is None
-    admin_token = secrets.token_urlsafe(32) if generated else settings.admin_token.get_secret_value()
+    admin_token = (secrets.token_urlsafe(32) if settings.admin_token is None
+                   else settings.admin_token.get_secret_value())
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     svc = Services(settings=settings, metrics=metrics, admin_token=admin_token, api_key=api_key, runtime=runtime)
 

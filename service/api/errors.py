@@ -50,7 +50,7 @@ def status_for(exc: BaseException) -> int:
 
 def error_response(exc: BaseException) -> JSON:
     status = status_for(exc)
-    if status == 500:
+    if status == 500 or not isinstance(exc, ServiceError):  # only ServiceErrors get other statuses
         log.error("unhandled error: %r", exc, exc_info=exc)
         return JSON({"detail": "internal server error"}, status_code=500)
     headers = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -16,7 +16,9 @@ from service.errors import BundleTooLarge
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
-ADMIN = {401: {"description": "Missing bearer token"}, 403: {"description": "Wrong token"}}
+ADMIN: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing bearer token"}, 403: {"description": "Wrong token"},
+}
 
 
 def _upload_body(info: VersionInfo, active: bool) -> dict:

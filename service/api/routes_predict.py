@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Body, Depends, Request
 from starlette.concurrency import run_in_threadpool
@@ -20,7 +20,7 @@ from service.runtime.engine import RowRequest
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "Unknown task"},
     413: {"description": "A text is over the configured character limit"},
     422: {"description": "Malformed body, empty text, a body shape that does not fit the task, list too long"},
@@ -38,7 +38,9 @@ async def predict(
     """Predict with one task. Requests for different tasks share backbone forwards."""
     t0 = time.perf_counter()
     try:
-        view = svc.registry.get(task) or await run_in_threadpool(svc.registry.resolve, task)
+        view = svc.registry.get(task)
+        if view is None:
+            view = await run_in_threadpool(svc.registry.resolve, task)
         s = svc.settings
         texts, pairs = body.inputs(view.manifest.head_type, max_items=s.max_items_per_request, max_chars=s.max_text_chars)
         rows = svc.engine.encode(view.manifest, texts, pairs)
@@ -65,4 +67,6 @@ async def embed(body: EmbedRequest, svc: Annotated[Services, Depends(services)])
     )
     rows = svc.engine.encode(None, texts)
     results = await svc.batcher.submit([RowRequest(None, 0, r) for r in rows])
-    return JSON({"backbone": svc.engine.backbone.ref.id, "embeddings": [r.prediction["embedding"] for r in results]})
+    # cast: row errors are not checked here; a failed row (prediction None) fails the request as before
+    embeddings = [cast("dict[str, Any]", r.prediction)["embedding"] for r in results]
+    return JSON({"backbone": svc.engine.backbone.ref.id, "embeddings": embeddings})

@@ -57,7 +57,7 @@ class PredictRequest(BaseModel):
             raise InvalidInput(f"'{first}' has {len(texts)} items; at most {max_items} per request")
         if pairs is not None and len(pairs) != len(texts):
             raise InvalidInput(f"'{first}' has {len(texts)} items but '{second}' has {len(pairs)}")
-        for name, values in ((first, texts), (second, pairs or [])):
+        for name, values in ((first, texts), (second or "", pairs or [])):  # second is None: pairs is too
             for i, value in enumerate(values):
                 where = f"'{name}'" if len(values) == 1 and not name.endswith("s") else f"'{name}[{i}]'"
                 if not value.strip():

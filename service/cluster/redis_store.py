@@ -30,9 +30,10 @@ import hashlib
 import logging
 from datetime import datetime, timezone
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
+from redis.commands.core import Script
 
 from service.bundles.codec import read_manifest
 from service.bundles.manifest import Manifest, check_task_name
@@ -110,7 +111,11 @@ class ImportOutcome(Enum):
 
 
 class RedisAdapterStore:
-    """`AdapterStore` on Redis. Thread-safe (a connection pool); every Redis failure is StoreUnavailable."""
+    """`AdapterStore` on Redis. Thread-safe (a connection pool); every Redis failure is StoreUnavailable.
+
+    Replies: `connect` makes clients that leave replies undecoded, so every string reply is bytes; redis-py
+    types them `bytes | str` (the client type does not say which), hence the casts to bytes below.
+    """
 
     def __init__(
         self,
@@ -166,14 +171,17 @@ class RedisAdapterStore:
             data = self.client.hget(key, "bundle")
         if data is None:
             raise self._missing(task, version)
-        return data
+        return cast(bytes, data)
 
     def get_info(self, task: str, version: int) -> VersionInfo:
         key = self._version_key(task, version)
         with redis_errors():
-            sha, size, stored_at, manifest = self.client.hmget(key, ["sha256", "size", "stored_at", "manifest"])
+            fields = self.client.hmget(key, ["sha256", "size", "stored_at", "manifest"])
+        sha, size, stored_at, manifest = cast("list[bytes | None]", fields)
         if sha is None:
             raise self._missing(task, version)
+        # the put and import scripts write the four fields together
+        assert size is not None and stored_at is not None and manifest is not None
         return VersionInfo(
             task=task,
             version=int(version),
@@ -186,7 +194,7 @@ class RedisAdapterStore:
     def list_tasks(self) -> list[str]:
         with redis_errors():
             members = self.client.smembers(self._key("tasks"))
-        return sorted(m.decode() for m in members)
+        return sorted(m.decode() for m in cast("set[bytes]", members))
 
     def list_versions(self, task: str) -> list[int]:
         key = self._task_key(task, "versions")
@@ -194,7 +202,7 @@ class RedisAdapterStore:
             members = self.client.zrange(key, 0, -1)
         if not members:
             raise TaskNotFound(task)
-        return [int(m) for m in members]
+        return [int(m) for m in cast("list[bytes]", members)]
 
     def get_active(self, task: str) -> int:
         key = self._task_key(task, "active")
@@ -225,13 +233,14 @@ class RedisAdapterStore:
             self._task_key(task, "v:"), task, data, sha, len(data), stored_at.isoformat(),
             manifest.model_dump_json(), "1" if activate else "0",
         ]
-        version, generation = self._write(self._put_script, keys, args)
+        reply: list[int] = self._write(self._put_script, keys, args)  # {version, generation}
+        version, generation = reply
         self._announce(EventKind.UPLOADED, task, version, generation)
         return VersionInfo(task, version, sha, len(data), stored_at, manifest)
 
     def set_active(self, task: str, version: int) -> None:
         keys = [self._task_key(task, "versions"), self._task_key(task, "active"), self._key("generation")]
-        generation = self._write(self._set_active_script, keys, [int(version)])
+        generation: int = self._write(self._set_active_script, keys, [int(version)])
         if generation == -1:
             raise TaskNotFound(task)
         if generation == 0:
@@ -241,7 +250,7 @@ class RedisAdapterStore:
     def delete_task(self, task: str) -> None:
         keys = [self._task_key(task, "versions"), self._task_key(task, "active"), self._key("tasks"),
                 self._key("generation")]
-        generation = self._write(self._delete_script, keys, [self._task_key(task, "v:"), task])
+        generation: int = self._write(self._delete_script, keys, [self._task_key(task, "v:"), task])
         if generation == 0:
             raise TaskNotFound(task)
         self._announce(EventKind.DELETED, task, None, generation)
@@ -262,7 +271,8 @@ class RedisAdapterStore:
             self._version_key(task, version), task, int(version), data, hashlib.sha256(data).hexdigest(), len(data),
             datetime.now(timezone.utc).isoformat(), manifest.model_dump_json(),
         ]
-        code, generation = self._write(self._import_script, keys, args)
+        reply: list[int] = self._write(self._import_script, keys, args)  # {outcome code, generation or 0}
+        code, generation = reply
         outcome = ImportOutcome(code)
         if outcome is ImportOutcome.WRITTEN:
             self._announce(EventKind.UPLOADED, task, int(version), generation)
@@ -270,9 +280,9 @@ class RedisAdapterStore:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _write(self, script, keys: list[str], args: list) -> object:
+    def _write(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """Run a write script, then wait until it is durable, both on one connection (WAITAOF counts the
-        writes of its own connection)."""
+        writes of its own connection). Returns the script's reply, whose shape depends on the script."""
         with redis_errors(), self.client.client() as conn:
             result = script(keys=keys, args=args, client=conn)
             self._wait_durable(conn)

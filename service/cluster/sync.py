@@ -88,7 +88,7 @@ class ClusterSync:
         self,
         store: RedisAdapterStore,
         *,
-        on_task_changed: Callable[[str], None],
+        on_task_changed: Callable[[str], object],  # its return value is ignored
         on_resync: Callable[[], None],
         resync_interval_s: float = 2.0,
         reconnect_min_s: float = 0.05,
@@ -253,7 +253,7 @@ class ClusterSync:
 
 
 def start_cluster_sync(
-    settings: ServiceSettings, store: RedisAdapterStore, *, on_task_changed: Callable[[str], None],
+    settings: ServiceSettings, store: RedisAdapterStore, *, on_task_changed: Callable[[str], object],
     on_resync: Callable[[], None],
 ) -> ClusterSync:
     """A started ClusterSync configured from settings (what the app factory calls)."""

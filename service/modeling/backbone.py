@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from service.bundles.manifest import BackboneRef
 from service.errors import BackboneLoadError
 from service.modeling.precision import Precision, choose_precision, quantize_linear_layers
 from service.settings import DEFAULT_BACKBONE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +127,7 @@ class Backbone:
     """The frozen encoder, its tokenizer, and what bundles are checked against."""
 
     model: nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     spec: ArchSpec
     ref: BackboneRef
     device: torch.device
@@ -142,7 +146,7 @@ class Backbone:
 
     @property
     def layers(self) -> list[nn.Module]:
-        return list(get_submodule(self.model, self.spec.layers))
+        return list(get_layers(self.model, self.spec))
 
     @property
     def uses_token_type_ids(self) -> bool:
@@ -151,6 +155,13 @@ class Backbone:
 
 def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
     return root.get_submodule(dotted)
+
+
+def get_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    """The model's transformer layers, in order."""
+    # cast: `get_submodule` is typed as returning any Module, and at `spec.layers` every supported
+    # architecture (ARCHITECTURES) keeps an nn.ModuleList
+    return cast(nn.ModuleList, get_submodule(model, spec.layers))
 
 
 def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -197,7 +208,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "auto", dtype: str
         quantize_linear_layers(model)
     config = model.config
     hidden = int(getattr(config, "hidden_size", None) or config.dim)
-    num_layers = len(get_submodule(model, spec.layers))
+    num_layers = len(get_layers(model, spec))
     max_pos = int(getattr(config, "max_position_embeddings", 512))
     if model_type in ("roberta", "xlm-roberta", "camembert"):
         max_pos -= 2  # positions start after the padding index

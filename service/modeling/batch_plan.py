@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+Key = TypeVar("Key", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class Admission:
 
 
 def admit_rows(
-    keys: Sequence[Hashable | None], costs: Sequence[int], held: Mapping[Hashable, int], *, slots: int,
+    keys: Sequence[Key | None], costs: Sequence[int], held: Mapping[Key, int], *, slots: int,
     max_bytes: int,
 ) -> Admission:
     """The rows (oldest first) whose tasks fit the device cache: at most `slots` distinct tasks and
@@ -94,7 +97,7 @@ def admit_rows(
     """
     free_slots = slots - len(held)
     free_bytes = max_bytes - sum(held.values())
-    admitted: set[Hashable] = set()
+    admitted: set[Key] = set()
     rows: list[int] = []
     refused: list[int] = []
     for i, key in enumerate(keys):

@@ -6,15 +6,18 @@ many tasks share one forward, is `slot_pool.py`. Both read and write the same bu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from service.bundles.layout import adapter_key
 from service.bundles.manifest import Activation, AdapterConfig
-from service.modeling.backbone import ArchSpec, get_submodule, set_submodule
+from service.modeling.backbone import ArchSpec, get_layers, get_submodule, set_submodule
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[Activation, Callable[[torch.Tensor], torch.Tensor]] = {
     Activation.GELU: F.gelu,
     Activation.RELU: F.relu,
     Activation.SWISH: F.silu,
@@ -53,7 +56,8 @@ class BottleneckAdapter(nn.Module):
             nn.init.normal_(self.up.weight, std=up_init_std)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., d]
-        return h + self.up(ACTIVATIONS[self.activation](self.down(h)))
+        out: torch.Tensor = h + self.up(ACTIVATIONS[self.activation](self.down(h)))
+        return out
 
 
 class AdaptedProjection(nn.Module):
@@ -65,7 +69,8 @@ class AdaptedProjection(nn.Module):
         self.adapter = adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(self.base(x))
+        out: torch.Tensor = self.adapter(self.base(x))
+        return out
 
 
 def attach_adapters(
@@ -77,7 +82,7 @@ def attach_adapters(
     `adapter.{layer}.{point}.norm`), so their tensors export straight into a bundle.
     """
     added: dict[str, nn.Module] = {}
-    layers = get_submodule(model, spec.layers)
+    layers = get_layers(model, spec)
     for i, layer in enumerate(layers):
         for point in cfg.points:
             base = get_submodule(layer, spec.projection(point))
@@ -87,7 +92,8 @@ def attach_adapters(
             set_submodule(layer, spec.projection(point), AdaptedProjection(base, adapter))
             added[f"adapter.{i}.{point}"] = adapter
             if cfg.train_layernorm:
-                norm = get_submodule(layer, spec.norm(point))
+                # cast: at `spec.norm(point)` every supported architecture has an nn.LayerNorm
+                norm = cast(nn.LayerNorm, get_submodule(layer, spec.norm(point)))
                 trainable = _copy_layer_norm(norm)
                 set_submodule(layer, spec.norm(point), trainable)
                 added[f"adapter.{i}.{point}.norm"] = trainable
@@ -111,7 +117,7 @@ def load_adapter_tensors(added: dict[str, nn.Module], tensors: dict[str, torch.T
                 p.copy_(tensors[f"{prefix}.{name}"].to(p.dtype))
 
 
-def _copy_layer_norm(norm: nn.Module) -> nn.LayerNorm:
+def _copy_layer_norm(norm: nn.LayerNorm) -> nn.LayerNorm:
     shape = norm.weight.shape
     eps = getattr(norm, "eps", 1e-12)
     clone = nn.LayerNorm(shape, eps=eps).to(device=norm.weight.device, dtype=norm.weight.dtype)

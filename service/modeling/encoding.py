@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class EncodedRow:
 class Encoder:
     """Wraps a fast tokenizer: texts (and pairs) -> EncodedRow, rows -> padded tensors."""
 
-    def __init__(self, tokenizer, max_length: int, use_token_type_ids: bool):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, use_token_type_ids: bool):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.use_token_type_ids = use_token_type_ids and "token_type_ids" in tokenizer.model_input_names

@@ -67,16 +67,17 @@ class SequenceHead(TaskHead):
         x = self.dropout(pooled)
         if self.dense is not None:
             x = self.dropout(torch.tanh(self.dense(x)))
-        return self.out(x)
+        logits: torch.Tensor = self.out(x)
+        return logits
 
 
 class ClassificationHead(SequenceHead):
     head_type = HeadType.CLASSIFICATION
 
-    def loss(self, logits, targets):
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets)
 
-    def postprocess(self, logits, row):
+    def postprocess(self, logits: torch.Tensor, row: EncodedRow) -> dict[str, Any]:
         probs = torch.softmax(logits.float(), -1).tolist()
         best = max(range(len(probs)), key=probs.__getitem__)
         return {"label": self.labels[best], "score": probs[best], "scores": dict(zip(self.labels, probs))}
@@ -85,10 +86,10 @@ class ClassificationHead(SequenceHead):
 class MultiLabelHead(SequenceHead):
     head_type = HeadType.MULTILABEL
 
-    def loss(self, logits, targets):
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
-    def postprocess(self, logits, row):
+    def postprocess(self, logits: torch.Tensor, row: EncodedRow) -> dict[str, Any]:
         probs = torch.sigmoid(logits.float()).tolist()
         on = [name for name, p in zip(self.labels, probs) if p >= self.config.threshold]
         return {"labels": on, "scores": dict(zip(self.labels, probs))}
@@ -100,10 +101,10 @@ class RegressionHead(SequenceHead):
     def output_size(self) -> int:
         return 1
 
-    def loss(self, logits, targets):
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(logits.float().squeeze(-1), targets.float())
 
-    def postprocess(self, logits, row):
+    def postprocess(self, logits: torch.Tensor, row: EncodedRow) -> dict[str, Any]:
         return {"value": float(logits.float().reshape(-1)[0])}
 
 
@@ -118,13 +119,15 @@ class TokenHead(TaskHead):
         return len(self.labels)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # -> [n, T, C]
-        return self.out(self.dropout(hidden))
+        logits: torch.Tensor = self.out(self.dropout(hidden))
+        return logits
 
 
 class TokenClassificationHead(TokenHead):
     head_type = HeadType.TOKEN_CLASSIFICATION
 
-    def loss(self, logits, targets):  # targets [n, T], IGNORE_INDEX where no label (subtokens, specials)
+    # targets [n, T], IGNORE_INDEX where no label (subtokens, specials)
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)
 
@@ -132,18 +135,18 @@ class TokenClassificationHead(TokenHead):
         """(word index, tag, prob, char start, char end) per word, tagged by the word's first token."""
         probs = torch.softmax(logits[: len(row)].float(), -1)
         best_p, best = probs.max(-1)
-        words: dict[int, list] = {}
+        words: dict[int, tuple[int, str, float, int, int]] = {}
         for t, w in enumerate(row.word_ids):
             if w is None or row.sequence_ids[t] != 0:
                 continue
             start, end = row.offsets[t]
             if w not in words:
-                words[w] = [w, self.labels[int(best[t])], float(best_p[t]), start, end]
+                words[w] = (w, self.labels[int(best[t])], float(best_p[t]), start, end)
             else:
-                words[w][4] = end
-        return [tuple(v) for v in words.values()]
+                words[w] = (*words[w][:4], end)
+        return list(words.values())
 
-    def postprocess(self, logits, row):
+    def postprocess(self, logits: torch.Tensor, row: EncodedRow) -> dict[str, Any]:
         entities: list[dict[str, Any]] = []
         current: dict[str, Any] | None = None
         scores: list[float] = []
@@ -175,7 +178,8 @@ class QuestionAnsweringHead(TokenHead):
     def output_size(self) -> int:
         return 2
 
-    def loss(self, logits, targets):  # targets [n, 2] = start and end token index
+    # targets [n, 2] = start and end token index
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         start, end = logits.float().unbind(-1)
         return (F.cross_entropy(start, targets[:, 0]) + F.cross_entropy(end, targets[:, 1])) / 2
 
@@ -196,7 +200,7 @@ class QuestionAnsweringHead(TokenHead):
         s, e = divmod(flat, n)
         return ctx[s], ctx[e], float(scores[s, e].exp())
 
-    def postprocess(self, logits, row):
+    def postprocess(self, logits: torch.Tensor, row: EncodedRow) -> dict[str, Any]:
         span = self.best_span(logits[: len(row)], row)
         if span is None:
             return {"answer": "", "start": 0, "end": 0, "score": 0.0}

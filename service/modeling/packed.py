@@ -15,14 +15,50 @@ packed and the padded forward share every weight.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from service.modeling.backbone import ArchSpec, get_submodule
+
+
+# The BERT layer layout the packed forward reaches into, by attribute name (BertLayer, RobertaLayer and
+# ElectraLayer share it but no class). Projections and norms are any Module: the slot pool's routed
+# layers and int8's quantised Linears stand in for nn.Linear and nn.LayerNorm.
+class SelfAttentionLayout(Protocol):
+    query: nn.Module
+    key: nn.Module
+    value: nn.Module
+    num_attention_heads: int
+
+
+class SublayerOutputLayout(Protocol):
+    dense: nn.Module
+    LayerNorm: nn.Module
+
+
+class AttentionLayout(Protocol):
+    self: SelfAttentionLayout
+    output: SublayerOutputLayout
+
+
+class BertLayerLayout(Protocol):
+    attention: AttentionLayout
+    intermediate: nn.Module
+    output: SublayerOutputLayout
+
+
+class PaddingConfig(Protocol):
+    pad_token_id: int
+
+
+class BertModelLayout(Protocol):
+    config: PaddingConfig
+    embeddings: nn.Module
 
 
 @dataclass(frozen=True)
@@ -101,14 +137,15 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     return packing.from_padded(out.transpose(1, 2).reshape(B, T, d))
 
 
-def packed_layer(layer: nn.Module, h: torch.Tensor, packing: Packing) -> torch.Tensor:
+def packed_layer(layer: BertLayerLayout, h: torch.Tensor, packing: Packing) -> torch.Tensor:
     """One BERT-layout encoder layer on packed tokens (see the module docstring)."""
     sa = layer.attention.self
     ctx = packed_attention(sa.query(h), sa.key(h), sa.value(h), sa.num_attention_heads, packing)
     out = layer.attention.output
     h = out.LayerNorm(out.dense(ctx) + h)
     ffn = layer.output
-    return ffn.LayerNorm(ffn.dense(layer.intermediate(h)) + h)
+    h_out: torch.Tensor = ffn.LayerNorm(ffn.dense(layer.intermediate(h)) + h)
+    return h_out
 
 
 def packed_forward(
@@ -116,16 +153,19 @@ def packed_forward(
     packing: Packing,
 ) -> torch.Tensor:
     """The encoder's last hidden states for packed `input_ids` [N] -> [N, d]."""
+    # casts: only packable (BERT-layout) models get here, see `Backbone.packable`
+    bert = cast(BertModelLayout, model)
+    layers = cast("Iterable[BertLayerLayout]", get_submodule(model, spec.layers))
     positions = packing.positions
     if spec.positions_after_padding:
-        positions = positions + model.config.pad_token_id + 1
+        positions = positions + bert.config.pad_token_id + 1
     if token_type_ids is None:
         token_type_ids = torch.zeros_like(input_ids)
-    h = model.embeddings(input_ids=input_ids[None], token_type_ids=token_type_ids[None],
-                         position_ids=positions[None])[0]
+    h: torch.Tensor = bert.embeddings(input_ids=input_ids[None], token_type_ids=token_type_ids[None],
+                                      position_ids=positions[None])[0]
     project = getattr(model, "embeddings_project", None)  # ELECTRA: embedding width -> hidden width
     if project is not None:
         h = project(h)
-    for layer in get_submodule(model, spec.layers):
+    for layer in layers:
         h = packed_layer(layer, h, packing)
     return h

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from torch import nn
 
 from service.bundles.layout import adapter_key
 from service.bundles.manifest import INSERTION_POINTS, Activation, AdapterConfig
-from service.modeling.backbone import ArchSpec, get_submodule, set_submodule
+from service.modeling.backbone import ArchSpec, get_layers, get_submodule, set_submodule
 from service.modeling.batch_plan import Segment
 from service.modeling.bottleneck import ACTIVATIONS
 
@@ -32,6 +32,9 @@ Strategy = Literal["segment", "gather"]
 NO_ADAPTER = 0
 _ADAPTER_PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
 _PARTS = {False: _ADAPTER_PARTS, True: (*_ADAPTER_PARTS, "norm.weight", "norm.bias")}
+Activate = Callable[[torch.Tensor], torch.Tensor]
+# One slot's adapter at one point: down_w [d, m], down_b [m], up_w [m, d], up_b [d], activation
+SlotView = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Activate]
 
 
 class SharedExclusiveLock:
@@ -127,19 +130,20 @@ class SlotPool:
         self.num_layers, self.hidden, self.device, self.dtype = num_layers, hidden, device, dtype
         self.num_slots = num_slots + 1  # slot 0 = no adapter
         P, S, d, m = num_layers * len(INSERTION_POINTS), self.num_slots, hidden, bottleneck_capacity
-        zeros = dict(device=device, dtype=dtype)
-        self.down_w = torch.zeros(P, S, d, m, **zeros)  # [P, S, d, m]
-        self.down_b = torch.zeros(P, S, m, **zeros)  # [P, S, m]
-        self.up_w = torch.zeros(P, S, m, d, **zeros)  # [P, S, m, d]
-        self.up_b = torch.zeros(P, S, d, **zeros)  # [P, S, d]
-        self._base_norm_w = torch.stack([w.detach().to(**zeros) for w, _ in base_norms])  # [P, d]
-        self._base_norm_b = torch.stack([b.detach().to(**zeros) for _, b in base_norms])  # [P, d]
+        self.down_w = torch.zeros(P, S, d, m, device=device, dtype=dtype)  # [P, S, d, m]
+        self.down_b = torch.zeros(P, S, m, device=device, dtype=dtype)  # [P, S, m]
+        self.up_w = torch.zeros(P, S, m, d, device=device, dtype=dtype)  # [P, S, m, d]
+        self.up_b = torch.zeros(P, S, d, device=device, dtype=dtype)  # [P, S, d]
+        self._base_norm_w = torch.stack(  # [P, d]
+            [w.detach().to(device=device, dtype=dtype) for w, _ in base_norms])
+        self._base_norm_b = torch.stack(  # [P, d]
+            [b.detach().to(device=device, dtype=dtype) for _, b in base_norms])
         self.norm_w = self._base_norm_w[:, None, :].repeat(1, S, 1).contiguous()  # [P, S, d]
         self.norm_b = self._base_norm_b[:, None, :].repeat(1, S, 1).contiguous()  # [P, S, d]
         self.specs: dict[int, SlotSpec] = {}
         # slot -> per point p: (down_w [d,m], down_b [m], up_w [m,d], up_b [d], activation) views, or None
         # where the slot has no adapter. Built at write time so the hot path does no tensor indexing.
-        self._views: dict[int, list[tuple | None]] = {}
+        self._views: dict[int, list[SlotView | None]] = {}
         # Forwards hold it shared (several may run at once: each reads only its own pinned slots); a
         # capacity growth, which replaces the pool tensors, takes it exclusive.
         self.lock = SharedExclusiveLock()
@@ -152,7 +156,8 @@ class SlotPool:
 
     @property
     def bottleneck_capacity(self) -> int:
-        return self.down_w.shape[-1]
+        capacity: int = self.down_w.shape[-1]
+        return capacity
 
     # --- writes (cache loads and evictions) ---------------------------------------------------
 
@@ -190,9 +195,9 @@ class SlotPool:
         self.specs.pop(slot, None)
         self._views.pop(slot, None)
 
-    def _slot_views(self, slot: int, spec: SlotSpec) -> list[tuple | None]:
+    def _slot_views(self, slot: int, spec: SlotSpec) -> list[SlotView | None]:
         act, m = ACTIVATIONS[spec.activation], spec.bottleneck
-        views: list[tuple | None] = []
+        views: list[SlotView | None] = []
         for p in range(self.down_w.shape[0]):
             if INSERTION_POINTS[p % len(INSERTION_POINTS)] not in spec.points:
                 views.append(None)
@@ -231,7 +236,8 @@ class SlotPool:
         row_slots = torch.tensor(
             [s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long, device=self.device
         )
-        token_index, bounds = None, ()
+        token_index: torch.Tensor | None = None
+        bounds: tuple[tuple[int, int], ...] = ()
         if strategy == "segment" and lengths and specs:
             T = max(lengths)
             if sum(lengths) < pack_below * T * len(lengths):
@@ -276,7 +282,8 @@ class SlotPool:
                 self._local.routing = None
 
     def current(self) -> Routing | None:
-        return getattr(self._local, "routing", None)
+        routing: Routing | None = getattr(self._local, "routing", None)
+        return routing
 
     # --- the maths -----------------------------------------------------------------------------
 
@@ -289,8 +296,9 @@ class SlotPool:
             return self._apply_gather(p, h, r)
         _, T, d = h.shape
         h2 = h.view(-1, d)
-        packed = r.token_index is not None
-        x = h2.index_select(0, r.token_index) if packed else h2  # [N, d]
+        token_index = r.token_index
+        packed = token_index is not None
+        x = h2.index_select(0, token_index) if token_index is not None else h2  # [N, d]
         todo = []
         for i, seg in enumerate(r.segments):
             views = self._views.get(seg.slot)
@@ -310,12 +318,13 @@ class SlotPool:
         else:
             for a, b, (down_w, _, _, _, act) in todo:
                 z[a:b, : down_w.shape[1]] = act(z[a:b, : down_w.shape[1]])
-        if packed:  # the adapters' outputs y [N, d], added at the real tokens' places; 0 where no adapter
+        if token_index is not None:
+            # the adapters' outputs y [N, d], added at the real tokens' places; 0 where no adapter
             covered = sum(b - a for a, b, _ in todo) == x.shape[0]
             y = torch.empty_like(x) if covered else torch.zeros_like(x)
             for a, b, (down_w, _, up_w, up_b, _) in todo:
                 torch.addmm(up_b, z[a:b, : down_w.shape[1]], up_w, out=y[a:b])
-            h2.index_add_(0, r.token_index, y)
+            h2.index_add_(0, token_index, y)
         else:  # in place
             for a, b, (down_w, _, up_w, _, _) in todo:
                 x[a:b].addmm_(z[a:b, : down_w.shape[1]], up_w)
@@ -326,10 +335,12 @@ class SlotPool:
         """h [N, d] of a packed forward: each segment's contiguous tokens through its slot's adapter, in place."""
         if r.strategy == "gather" and r.segment_slots is not None:
             idx = r.segment_slots  # [k]
+            # `routing_packed` sets the four gather fields together
+            assert r.segment_tokens is not None and r.real_tokens is not None and r.real_places is not None
             k, d = idx.shape[0], h.shape[1]
             xs = h.index_select(0, r.segment_tokens).view(k, -1, d)  # [k, L, d]
             z = torch.baddbmm(self.down_b[p].index_select(0, idx).unsqueeze(1), xs, self.down_w[p].index_select(0, idx))
-            z = self._activate_segments(z, r)
+            z = self._activate_segments(z, idx, r)
             y = torch.baddbmm(self.up_b[p].index_select(0, idx).unsqueeze(1), z, self.up_w[p].index_select(0, idx))
             return h.index_add_(0, r.real_tokens, y.view(-1, d).index_select(0, r.real_places))
         for (a, b), seg in zip(r.packed_bounds, r.segments):
@@ -353,9 +364,9 @@ class SlotPool:
                 z[seg.start : seg.stop] = ACTIVATIONS[spec.activation](z[seg.start : seg.stop])
         return z
 
-    def _activate_segments(self, z: torch.Tensor, r: Routing) -> torch.Tensor:
+    def _activate_segments(self, z: torch.Tensor, segment_slots: torch.Tensor, r: Routing) -> torch.Tensor:
         """z [k, L, m] of a packed gather: each adapter segment's activation (one call when they agree)."""
-        acts = [r.specs[int(slot)].activation for slot in r.segment_slots.tolist()]
+        acts = [r.specs[int(slot)].activation for slot in segment_slots.tolist()]
         if len(set(acts)) == 1:
             return ACTIVATIONS[acts[0]](z)
         for i, act in enumerate(acts):
@@ -374,6 +385,7 @@ class SlotPool:
         """LayerNorm with each row's slot's affine parameters (the backbone's own where a task has none)."""
         y = F.layer_norm(x, (x.shape[-1],), None, None, eps)
         if r.packed:  # [N, d]: per token
+            assert r.token_slots is not None  # `routing_packed` sets it
             return torch.addcmul(self.norm_b[p].index_select(0, r.token_slots), y,
                                  self.norm_w[p].index_select(0, r.token_slots))
         return torch.addcmul(
@@ -392,7 +404,7 @@ class RoutedProjection(nn.Module):
         self._pool = [pool]  # a list, so the pool is not registered as a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.base(x)
+        h: torch.Tensor = self.base(x)
         r = self._pool[0].current()
         if r is None or not r.any_adapter:
             return h
@@ -411,7 +423,8 @@ class RoutedLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self._pool[0].current()
         if r is None or not r.any_norm:
-            return self.base(x)
+            y: torch.Tensor = self.base(x)
+            return y
         return self._pool[0].apply_norm(self.p, x, self.base.eps, r)
 
 
@@ -420,12 +433,11 @@ def install_slot_pool(
     bottleneck_capacity: int = 64,
 ) -> SlotPool:
     """Replace every insertion point of `model` with routed layers reading one new pool (idempotent per model)."""
-    layers = get_submodule(model, spec.layers)
-    norms = []
+    layers = get_layers(model, spec)
+    norms: list[tuple[torch.Tensor, torch.Tensor]] = []
     for layer in layers:
         for point in INSERTION_POINTS:
-            norm = get_submodule(layer, spec.norm(point))
-            norm = norm.base if isinstance(norm, RoutedLayerNorm) else norm
+            norm = _base_norm(layer, spec.norm(point))
             norms.append((norm.weight, norm.bias))
     hidden = norms[0][0].shape[0]
     pool = SlotPool(len(layers), hidden, num_slots, device=device, dtype=dtype, base_norms=norms,
@@ -435,7 +447,13 @@ def install_slot_pool(
             proj = get_submodule(layer, spec.projection(point))
             proj = proj.base if isinstance(proj, RoutedProjection) else proj
             set_submodule(layer, spec.projection(point), RoutedProjection(proj, pool, i, point))
-            norm = get_submodule(layer, spec.norm(point))
-            norm = norm.base if isinstance(norm, RoutedLayerNorm) else norm
+            norm = _base_norm(layer, spec.norm(point))
             set_submodule(layer, spec.norm(point), RoutedLayerNorm(norm, pool, i, point))
     return pool
+
+
+def _base_norm(layer: nn.Module, path: str) -> nn.LayerNorm:
+    """The backbone's own LayerNorm at `path` (unwrapped when a pool was installed before)."""
+    norm = get_submodule(layer, path)
+    # cast: at `spec.norm(point)` every supported architecture has an nn.LayerNorm
+    return norm.base if isinstance(norm, RoutedLayerNorm) else cast(nn.LayerNorm, norm)

@@ -54,7 +54,7 @@ class CacheBudget:
 @dataclass(eq=False)
 class _Pending:
     request: RowRequest
-    future: asyncio.Future
+    future: asyncio.Future[RowResult]
     enqueued: float  # loop time
     kept_out: float | None = None  # loop time it was first kept out of a batch by the cache budget
 
@@ -82,8 +82,8 @@ class Batcher:
         self._on_batch = on_batch
         self._queue: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._runs: set[asyncio.Task] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._runs: set[asyncio.Task[None]] = set()
         self.workers = workers
         self._free_workers: asyncio.Semaphore | None = None
         self._running_rows = 0  # rows in the batches the workers are running (event-loop side)
@@ -136,6 +136,7 @@ class Batcher:
         now = loop.time()
         pending = [_Pending(r, loop.create_future(), now) for r in requests]
         self._queue.extend(pending)
+        assert self._wakeup is not None  # set by start(), and the batcher is running
         self._wakeup.set()
         return list(await asyncio.gather(*(p.future for p in pending)))
 
@@ -144,6 +145,7 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            assert self._free_workers is not None and self._wakeup is not None  # set by start()
             await self._free_workers.acquire()  # released when the batch taken below has run
             while not self._queue:
                 self._wakeup.clear()
@@ -169,7 +171,7 @@ class Batcher:
                     await self._wakeup.wait()
                 continue
             self._running_rows += len(batch)
-            for key in {p.request.key for p in batch} - {None}:
+            for key in {k for p in batch if (k := p.request.key) is not None}:
                 self._held[key] += 1
                 self._held_bytes[key] = next(p.request.footprint for p in batch if p.request.key == key)
             run = asyncio.create_task(self._run(loop, batch, cut_short))
@@ -215,6 +217,7 @@ class Batcher:
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], cut_short: bool) -> None:
         t0, started = time.perf_counter(), loop.time()
+        assert self._free_workers is not None and self._wakeup is not None  # set by start()
         try:
             results = await loop.run_in_executor(self._executor, self.engine.run, [p.request for p in batch])
         except Exception as exc:  # a bug in the engine: fail this batch, keep serving
@@ -225,7 +228,7 @@ class Batcher:
             return
         finally:
             self._running_rows -= len(batch)
-            for key in {p.request.key for p in batch} - {None}:
+            for key in {k for p in batch if (k := p.request.key) is not None}:
                 self._held[key] -= 1
                 if not self._held[key]:
                     del self._held[key], self._held_bytes[key]

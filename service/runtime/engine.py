@@ -21,14 +21,22 @@ from service.bundles.manifest import AdapterConfig, HeadType, Manifest
 from service.bundles.store import AdapterStore
 from service.errors import BundleInvalid, ConfigurationError, InvalidInput, ServiceError
 from service.modeling.backbone import Backbone
-from service.modeling.batch_plan import plan_batch
+from service.modeling.batch_plan import BatchPlan, Segment, plan_batch
 from service.modeling.encoding import EncodedRow, Encoder
-from service.modeling.heads import SequenceHead, pool_tokens
+from service.modeling.heads import SequenceHead, TaskHead, pool_tokens
 from service.modeling.packed import Packing, packed_forward
 from service.modeling.slot_pool import NO_ADAPTER, Strategy, install_slot_pool
 from service.runtime.cache import AdapterCache, CacheEntry
 
 log = logging.getLogger(__name__)
+
+# A forward's outputs: pool(kind) -> [B, d] pooled rows, and token_rows(head, segment) -> one head's
+# token-level logits per row of the segment
+PoolRows = Callable[[str], torch.Tensor]
+TokenRows = Callable[[TaskHead, Segment], list[torch.Tensor]]
+# A row's (task, version): the key of a batch's pinned cache entries (rows with task None look up nothing)
+RowKey = tuple[str | None, int]
+Pinned = dict[RowKey, CacheEntry]
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ class Engine:
         cache_max_slots: int = 64,
         cache_wait_s: float = 30.0,
         max_seq_length: int = 256,
-        strategy: str = "auto",
+        strategy: Strategy | Literal["auto"] = "auto",
         packing: str = "auto",
         upload_max_bytes: int = 64 * 1024 * 1024,
         on_adapter_load: Callable[[CacheEntry, float], None] | None = None,
@@ -92,7 +100,7 @@ class Engine:
         self.upload_max_bytes = upload_max_bytes
         if strategy not in ("auto", "segment", "gather"):
             raise ValueError(f"unknown mixed-task strategy {strategy!r}")
-        self.strategy: Strategy | Literal["auto"] = strategy  # type: ignore[assignment]  # auto: chosen per forward
+        self.strategy: Strategy | Literal["auto"] = strategy  # auto: chosen per forward
         if packing not in ("auto", "on", "off"):
             raise ValueError(f"unknown packing mode {packing!r}")
         self.packed = packing != "off" and backbone.packable
@@ -144,6 +152,7 @@ class Engine:
             self.cache.invalidate_version(task, version)
         if result.error is not None:
             raise BundleInvalid("smoke_test", f"the bundle failed a test prediction: {result.error}")
+        assert result.logits is not None  # kept: keep_logits=True and the row did not fail
         if not bool(torch.isfinite(result.logits).all()):
             raise BundleInvalid("smoke_test", "the bundle produced NaN or Inf on a test input")
 
@@ -187,29 +196,30 @@ class Engine:
     def run(self, requests: Sequence[RowRequest], *, keep_logits: bool = False) -> list[RowResult]:
         """Predict every row; one result per row, in order. Errors stay per row."""
         results = [RowResult() for _ in requests]
-        entries: dict[tuple[str, int], CacheEntry | BaseException] = {}
+        entries: Pinned = {}
+        failed: dict[RowKey, BaseException] = {}  # tasks whose load failed
         try:
             for req in requests:
-                if req.task is not None and (req.task, req.version) not in entries:
+                key = (req.task, req.version)
+                if req.task is not None and key not in entries and key not in failed:
                     try:
-                        entries[(req.task, req.version)] = self.cache.acquire(req.task, req.version)
+                        entries[key] = self.cache.acquire(req.task, req.version)
                     except Exception as exc:  # fails this task's rows only
                         if not isinstance(exc, ServiceError):
                             log.exception("loading %s@%d failed", req.task, req.version)
-                        entries[(req.task, req.version)] = exc
+                        failed[key] = exc
             live: list[int] = []
             for i, req in enumerate(requests):
-                got = entries.get((req.task, req.version)) if req.task is not None else None
-                if isinstance(got, BaseException):
-                    results[i].error = got
+                error = failed.get((req.task, req.version)) if req.task is not None else None
+                if error is not None:
+                    results[i].error = error
                 else:
                     live.append(i)
             if live:
                 self._forward(requests, live, entries, results, keep_logits)
         finally:
-            for got in entries.values():
-                if isinstance(got, CacheEntry):
-                    self.cache.release(got)
+            for entry in entries.values():
+                self.cache.release(entry)
         return results
 
     def compute_info(self) -> dict[str, str]:
@@ -224,7 +234,10 @@ class Engine:
             return default_strategy(self.backbone.device, dtype=self.backbone.dtype)
         return self.strategy
 
-    def _forward(self, requests, live, entries, results, keep_logits) -> None:
+    def _forward(
+        self, requests: Sequence[RowRequest], live: list[int], entries: Pinned, results: list[RowResult],
+        keep_logits: bool,
+    ) -> None:
         slot_of = [entries[(requests[i].task, requests[i].version)].slot if requests[i].task else NO_ADAPTER
                    for i in live]
         plan = plan_batch(slot_of)
@@ -247,7 +260,7 @@ class Engine:
                     i = live[plan.order[seg.start + k]]
                     self._finish(requests[i], out, results[i], keep_logits, entries)
 
-    def _padded_hidden(self, plan, rows):
+    def _padded_hidden(self, plan: BatchPlan, rows: list[EncodedRow]) -> tuple[PoolRows, TokenRows]:
         """The routed forward over rows padded to the longest: (pool(kind) -> [B, d], token logits per row)."""
         batch = self.encoder.collate(rows, self.backbone.device)
         mask = batch["attention_mask"]
@@ -255,12 +268,12 @@ class Engine:
         with self.pool.route(routing):
             hidden = self.backbone.model(**batch).last_hidden_state  # [B, T, d], rows sorted by slot
 
-        def token_rows(head, seg) -> list[torch.Tensor]:
+        def token_rows(head: TaskHead, seg: Segment) -> list[torch.Tensor]:
             return list(head(hidden[seg.start : seg.stop], mask[seg.start : seg.stop]).float().cpu())
 
         return (lambda kind: pool_tokens(hidden, mask, kind)), token_rows
 
-    def _packed_hidden(self, plan, rows):
+    def _packed_hidden(self, plan: BatchPlan, rows: list[EncodedRow]) -> tuple[PoolRows, TokenRows]:
         """The routed forward over the rows' real tokens only (`service.modeling.packed`)."""
         device = self.backbone.device
         packing = Packing.of([len(r) for r in rows], device)
@@ -270,7 +283,7 @@ class Engine:
             hidden = packed_forward(self.backbone.model, self.backbone.spec, batch["input_ids"],
                                     batch.get("token_type_ids"), packing)  # [N, d], rows sorted by slot
 
-        def token_rows(head, seg) -> list[torch.Tensor]:
+        def token_rows(head: TaskHead, seg: Segment) -> list[torch.Tensor]:
             a, b = packing.offsets[seg.start], packing.offsets[seg.stop]
             logits = head(hidden[a:b], None).float().cpu()  # [tokens of the segment, C]
             return list(logits.split(packing.lengths[seg.start : seg.stop]))
@@ -278,7 +291,9 @@ class Engine:
         return (lambda kind: packing.pool(hidden, kind)), token_rows
 
     @staticmethod
-    def _finish(req: RowRequest, out: torch.Tensor, result: RowResult, keep_logits: bool, entries) -> None:
+    def _finish(
+        req: RowRequest, out: torch.Tensor, result: RowResult, keep_logits: bool, entries: Pinned,
+    ) -> None:
         if out.dim() == 2:  # token-level logits [T, C]: keep the row's own tokens, drop the batch padding
             out = out[: len(req.row)]
         try:
@@ -305,7 +320,10 @@ class Engine:
         manifest = self.store.get_info(task, version).manifest
         rows = self.encode(manifest, texts, pairs)
         results = self.run(self.requests(task, version, manifest, rows))
+        predictions: list[dict[str, Any]] = []
         for r in results:
             if r.error is not None:
                 raise r.error
-        return version, [r.prediction for r in results]
+            assert r.prediction is not None  # every row that did not fail has its prediction
+            predictions.append(r.prediction)
+        return version, predictions

@@ -121,7 +121,9 @@ class Runtime:
         """Load the backbone, open the store, build engine, registry, batcher and manager, join the cluster."""
         s = self.settings
         self.state = RuntimeState.STARTING
-        backbone = self._backbone or await asyncio.to_thread(load_backbone, s.backbone, s.device, s.dtype)
+        backbone = self._backbone
+        if backbone is None:
+            backbone = await asyncio.to_thread(load_backbone, s.backbone, s.device, s.dtype)
         workers, _ = forward_parallelism(s, backbone.device)
         log.info("forward workers: %d, torch threads each: %d", workers, torch.get_num_threads())
         self._store = store = self._store or make_store(s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any, overload
 
 import torch
 
@@ -39,7 +40,7 @@ def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate_targets(head: HeadType, targets: Sequence, width: int) -> torch.Tensor:
+def collate_targets(head: HeadType, targets: Sequence[Any], width: int) -> torch.Tensor:
     """Targets of one batch as the head's `loss` expects them (token targets padded with IGNORE_INDEX)."""
     if head is HeadType.CLASSIFICATION:
         return torch.tensor(targets, dtype=torch.long)
@@ -53,7 +54,17 @@ def collate_targets(head: HeadType, targets: Sequence, width: int) -> torch.Tens
     return out
 
 
-def make_batch(encoder: Encoder, head: HeadType, rows: Sequence[EncodedRow], targets: Sequence | None,
+@overload
+def make_batch(encoder: Encoder, head: HeadType, rows: Sequence[EncodedRow], targets: Sequence[Any],
+               device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
+
+
+@overload
+def make_batch(encoder: Encoder, head: HeadType, rows: Sequence[EncodedRow], targets: None,
+               device: torch.device) -> tuple[dict[str, torch.Tensor], None]: ...
+
+
+def make_batch(encoder: Encoder, head: HeadType, rows: Sequence[EncodedRow], targets: Sequence[Any] | None,
                device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Padded inputs (+ targets) on `device`."""
     batch = encoder.collate(rows, device)

@@ -9,13 +9,17 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from service.bundles.manifest import Activation, HeadType, Placement
+
+if TYPE_CHECKING:
+    from service.training.readers import Example
 
 
 class Mode(str, Enum):
@@ -172,7 +176,7 @@ def train_command(
     from service.errors import ServiceError
     from service.training.data import load_examples, reader_options, sha256_file
     from service.training.features import parse_label_map
-    from service.training.readers import split_by_article, split_holdout
+    from service.training.readers import qa_examples, split_by_article, split_holdout
     from service.training.trainer import TrainConfig
     from service.training.trainer import train as run_training
 
@@ -187,10 +191,10 @@ def train_command(
                           label_column=label_column, header=header, label_sep=label_sep, label_map=label_map,
                           eval_articles=eval_articles, split_seed=split_seed)
     try:
-        train_set = load_examples(train, head, opts)
-        eval_set = load_examples(eval_file, head, opts) if eval_file else None
+        train_set: Sequence[Example] = load_examples(train, head, opts)
+        eval_set: Sequence[Example] | None = load_examples(eval_file, head, opts) if eval_file else None
         if eval_articles is not None:
-            train_set, eval_set = split_by_article(train_set, eval_articles, opts["split_seed"])
+            train_set, eval_set = split_by_article(qa_examples(train_set), eval_articles, opts["split_seed"])
         if holdout is not None:
             train_set, eval_set = split_holdout(train_set, holdout, opts["split_seed"])
         mapping = parse_label_map(label_map)
@@ -205,7 +209,7 @@ def train_command(
         )
     except (ServiceError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    info = {
+    info: dict[str, Any] = {
         "command": _invocation(ctx, "train"),
         "train_file": str(train), "train_sha256": sha256_file(train),
         "eval_file": str(eval_file) if eval_file else (str(train) if eval_articles or holdout else None),
@@ -214,7 +218,8 @@ def train_command(
     if holdout is not None:
         info["holdout"] = {"examples": holdout, "seed": opts["split_seed"]}
     if eval_articles is not None:
-        info["eval_split"] = sorted({e.title for e in eval_set})  # type: ignore[union-attr]
+        assert eval_set is not None  # the article split made it
+        info["eval_split"] = sorted({e.title for e in qa_examples(eval_set)})
     try:
         result = run_training(config, train_set, eval_set, training_info=info)
     except ValueError as exc:
@@ -297,6 +302,7 @@ def evaluate_command(
             adapter_store, keep_alive = temporary_store(data, task)
             version = 1
         else:
+            assert task is not None  # --task is given when --bundle is not (checked above)
             adapter_store = LocalAdapterStore(store)
             version = adapter_store.get_active(task) if version is None else version
             manifest = adapter_store.get_info(task, version).manifest

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -42,7 +42,7 @@ def engine_for(backbone: Backbone, store: AdapterStore, max_seq_length: int | No
                   packing=packing)
 
 
-def temporary_store(bundle: bytes, task: str) -> tuple[LocalAdapterStore, tempfile.TemporaryDirectory]:
+def temporary_store(bundle: bytes, task: str) -> tuple[LocalAdapterStore, tempfile.TemporaryDirectory[str]]:
     """A throw-away local store holding one bundle as `task` version 1 (keep the directory object alive)."""
     tmp = tempfile.TemporaryDirectory(prefix="adapter-eval-")
     store = LocalAdapterStore(Path(tmp.name))
@@ -69,6 +69,9 @@ def evaluate_task(
             predictions[i] = res.prediction
             if keep_logits and res.logits is not None:
                 logits[i] = res.logits if res.logits.dim() == 1 else res.logits[: len(rows[i])]
-    metrics = score(manifest.head_type, examples, predictions, manifest.labels, extra=extra_metrics)  # type: ignore[arg-type]
-    return Evaluation(task, version, metrics, len(examples), predictions,  # type: ignore[arg-type]
-                      logits if keep_logits else [])  # type: ignore[arg-type]
+    # casts: sorted_batches puts every row in exactly one batch and a failed row raises above, so every
+    # prediction is set; with keep_logits every row's logits too (the engine keeps them for each prediction)
+    done = cast("list[dict[str, Any]]", predictions)
+    metrics = score(manifest.head_type, examples, done, manifest.labels, extra=extra_metrics)
+    return Evaluation(task, version, metrics, len(examples), done,
+                      cast("list[torch.Tensor]", logits) if keep_logits else [])

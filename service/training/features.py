@@ -16,11 +16,23 @@ import bisect
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from service.bundles.manifest import HeadType
 from service.modeling.encoding import EncodedRow, Encoder
 from service.modeling.heads import IGNORE_INDEX
-from service.training.readers import Example, QAExample, TextExample, TokenExample
+from service.training.readers import (
+    Example,
+    QAExample,
+    TextExample,
+    TokenExample,
+    classification_examples,
+    multilabel_examples,
+    qa_examples,
+    regression_examples,
+    text_examples,
+    token_examples,
+)
 
 
 @dataclass
@@ -28,7 +40,7 @@ class Features:
     """Tokenised rows and their targets (one per row), plus how many examples could not be used."""
 
     rows: list[EncodedRow]
-    targets: list
+    targets: list[Any]  # per head: class index, multi-hot vector, score, token class indices, answer span
     dropped: int = 0
 
 
@@ -68,7 +80,7 @@ def apply_label_map(examples: list[Example], mapping: Mapping[str, str] | None) 
     return out
 
 
-def _natural_key(label: str):
+def _natural_key(label: str) -> tuple[int, float, str]:
     return (0, float(label), label) if re.fullmatch(r"-?\d+(\.\d+)?", label) else (1, 0.0, label)
 
 
@@ -78,11 +90,15 @@ def infer_labels(head: HeadType, examples: Sequence[Example], order: Sequence[st
     if head in (HeadType.REGRESSION, HeadType.QA):
         return []
     if head is HeadType.TOKEN_CLASSIFICATION:
-        types = sorted({t[2:] for ex in examples for t in ex.tags if t != "O"})  # type: ignore[union-attr]
+        types = sorted({t[2:] for ex in token_examples(examples) for t in ex.tags if t != "O"})
         return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
     seen: set[str] = set()
-    for ex in examples:
-        seen.update(ex.labels if head is HeadType.MULTILABEL else [ex.label])  # type: ignore[union-attr]
+    if head is HeadType.MULTILABEL:
+        for multi in multilabel_examples(examples):
+            seen.update(multi.labels)
+    else:
+        for single in classification_examples(examples):
+            seen.update([single.label])
     if order:
         return list(dict.fromkeys(order))
     return sorted(seen, key=_natural_key)
@@ -94,14 +110,16 @@ def infer_labels(head: HeadType, examples: Sequence[Example], order: Sequence[st
 def serving_inputs(head: HeadType, examples: Sequence[Example]) -> tuple[list[str], list[str] | None]:
     """(texts, pairs) exactly as a client would send them to the service for these examples."""
     if head is HeadType.QA:
-        return [e.question for e in examples], [e.context for e in examples]  # type: ignore[union-attr]
+        questions = qa_examples(examples)
+        return [e.question for e in questions], [e.context for e in questions]
     if head is HeadType.TOKEN_CLASSIFICATION:
-        return [e.text for e in examples], None  # type: ignore[union-attr]
-    pairs = [e.pair for e in examples]  # type: ignore[union-attr]
+        return [e.text for e in token_examples(examples)], None
+    pairs = [e.pair for e in text_examples(examples)]
     has_pairs = any(p is not None for p in pairs)
     if has_pairs and any(p is None for p in pairs):
         raise ValueError("some rows have a second text and some do not")
-    return [e.text for e in examples], pairs if has_pairs else None  # type: ignore[union-attr]
+    # cast: with has_pairs, every row has its second text (checked just above)
+    return [e.text for e in text_examples(examples)], cast("list[str]", pairs) if has_pairs else None
 
 
 def encode_inputs(encoder: Encoder, head: HeadType, examples: Sequence[Example], max_length: int,
@@ -120,31 +138,32 @@ def build_features(encoder: Encoder, head: HeadType, examples: Sequence[Example]
     rows = encode_inputs(encoder, head, examples, max_length)
     index = {name: i for i, name in enumerate(labels)}
     if head is HeadType.CLASSIFICATION:
-        missing = sorted({e.label for e in examples} - set(index))  # type: ignore[union-attr]
+        missing = sorted({e.label for e in classification_examples(examples)} - set(index))
         if missing:
             raise ValueError(f"labels {missing[:5]} are not in the label list {list(labels)}")
-        return Features(rows, [index[e.label] for e in examples])  # type: ignore[union-attr]
+        return Features(rows, [index[e.label] for e in classification_examples(examples)])
     if head is HeadType.MULTILABEL:
         targets = []
-        for e in examples:
+        for multi in multilabel_examples(examples):
             vec = [0.0] * len(labels)
-            for name in e.labels:  # type: ignore[union-attr]
+            for name in multi.labels:
                 if name not in index:
                     raise ValueError(f"label {name!r} is not in the label list {list(labels)}")
                 vec[index[name]] = 1.0
             targets.append(vec)
         return Features(rows, targets)
     if head is HeadType.REGRESSION:
-        return Features(rows, [float(e.score) for e in examples])  # type: ignore[union-attr]
+        return Features(rows, [float(e.score) for e in regression_examples(examples)])
     if head is HeadType.TOKEN_CLASSIFICATION:
-        return Features(rows, [token_targets(r, e, index) for r, e in zip(rows, examples)])  # type: ignore[arg-type]
-    kept_rows, targets = [], []
-    for r, e in zip(rows, examples):
-        span = answer_tokens(r, e)  # type: ignore[arg-type]
+        return Features(rows, [token_targets(r, e, index) for r, e in zip(rows, token_examples(examples))])
+    kept_rows: list[EncodedRow] = []
+    spans: list[tuple[int, int]] = []
+    for r, qa in zip(rows, qa_examples(examples)):
+        span = answer_tokens(r, qa)
         if span is not None:
             kept_rows.append(r)
-            targets.append(span)
-    return Features(kept_rows, targets, dropped=len(rows) - len(kept_rows))
+            spans.append(span)
+    return Features(kept_rows, spans, dropped=len(rows) - len(kept_rows))
 
 
 def word_starts(tokens: Sequence[str]) -> list[int]:

@@ -13,7 +13,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def multilabel_scores(gold: Sequence[Iterable[str]], pred: Sequence[Iterable[str
     """Micro-F1, macro-F1 (over `labels`) and subset accuracy (exact set match) for multi-label rows."""
     _same_length(gold, pred)
     gold_sets, pred_sets = [set(g) for g in gold], [set(p) for p in pred]
-    total = Counter()
+    total: Counter[str] = Counter()
     per_label = []
     for label in labels:
         tp = sum(label in g and label in p for g, p in zip(gold_sets, pred_sets))
@@ -84,7 +84,7 @@ def multilabel_scores(gold: Sequence[Iterable[str]], pred: Sequence[Iterable[str
 # --- regression ----------------------------------------------------------------------------------
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     _same_length(x, y)
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     a, b = a - a.mean(), b - b.mean()
@@ -187,6 +187,6 @@ def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
     return {"exact_match": sum(em) / n if n else 0.0, "f1": sum(f1) / n if n else 0.0}
 
 
-def _same_length(a: Sequence, b: Sequence) -> None:
+def _same_length(a: Sized, b: Sized) -> None:
     if len(a) != len(b):
         raise ValueError(f"gold and predictions differ in length ({len(a)} vs {len(b)})")

@@ -13,6 +13,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, Protocol, TypedDict, cast, overload
 
 from service.bundles.manifest import HeadType
 from service.errors import ServiceError
@@ -72,6 +73,60 @@ class QAExample:
 Example = TextExample | TokenExample | QAExample
 
 
+# `read_dataset(path, head)` makes one kind of example per head: QAExample for qa, TokenExample for token
+# classification, else TextExample with the head's target set (`label`, `labels` or `score`). Code that
+# takes `Sequence[Example]` and branches on the head sees them through the views below: casts, because the
+# head, not the type, says which kind they are (nothing is checked or copied).
+
+
+class ClassificationExample(Protocol):
+    """A TextExample read for a classification head: `label` is set."""
+
+    @property
+    def label(self) -> str: ...
+
+
+class MultiLabelExample(Protocol):
+    """A TextExample read for a multilabel head: `labels` is set."""
+
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+
+
+class RegressionExample(Protocol):
+    """A TextExample read for a regression head: `score` is set."""
+
+    @property
+    def score(self) -> float: ...
+
+
+def text_examples(examples: Sequence[Example]) -> Sequence[TextExample]:
+    """The examples of a sequence-level head (classification, multilabel, regression)."""
+    return cast("Sequence[TextExample]", examples)
+
+
+def classification_examples(examples: Sequence[Example]) -> Sequence[ClassificationExample]:
+    return cast("Sequence[ClassificationExample]", examples)
+
+
+def multilabel_examples(examples: Sequence[Example]) -> Sequence[MultiLabelExample]:
+    return cast("Sequence[MultiLabelExample]", examples)
+
+
+def regression_examples(examples: Sequence[Example]) -> Sequence[RegressionExample]:
+    return cast("Sequence[RegressionExample]", examples)
+
+
+def token_examples(examples: Sequence[Example]) -> Sequence[TokenExample]:
+    """The examples of a token-classification head."""
+    return cast("Sequence[TokenExample]", examples)
+
+
+def qa_examples(examples: Sequence[Example]) -> Sequence[QAExample]:
+    """The examples of a qa head."""
+    return cast("Sequence[QAExample]", examples)
+
+
 @dataclass(frozen=True)
 class TableColumns:
     """Which columns of a table hold what: names, or 0-based indices for files without a header."""
@@ -82,7 +137,7 @@ class TableColumns:
     header: bool = True
     label_sep: str = ","  # multilabel: separator inside the label cell (JSONL may also give a list)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"text": self.text, "pair": self.pair, "label": self.label, "header": self.header,
                 "label_sep": self.label_sep}
 
@@ -124,7 +179,7 @@ def read_dataset(
         return list(read_conll(path))
     if fmt not in ("tsv", "csv", "jsonl"):
         raise DatasetError(path, None, f"a {head.value} head reads TSV, CSV or JSONL, not {fmt}")
-    examples = list(read_table(path, head, columns or TableColumns(), fmt))
+    examples: list[Example] = list(read_table(path, head, columns or TableColumns(), fmt))
     if not examples:
         raise DatasetError(path, None, "no examples in file")
     return examples
@@ -133,7 +188,8 @@ def read_dataset(
 # --- tables --------------------------------------------------------------------------------------
 
 
-def _records(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, list[str] | dict, list[str] | None]]:
+def _records(path: Path, fmt: str, header: bool,
+             ) -> Iterator[tuple[int, list[str] | dict[str, Any], list[str] | None]]:
     """(line number, cells or JSON object, header names) per data line; blank lines are skipped."""
     with path.open(encoding="utf-8", newline="" if fmt == "csv" else None) as fh:
         if fmt == "jsonl":
@@ -172,6 +228,22 @@ def _records(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, list[str
             yield n, cells, names
 
 
+class _Columns(TypedDict):
+    text: int
+    pair: int | None
+    label: int
+
+
+@overload
+def _column_index(path: Path, spec: str | None, names: list[str] | None, defaults: Sequence[str],
+                  role: str, required: Literal[True]) -> int: ...
+
+
+@overload
+def _column_index(path: Path, spec: str | None, names: list[str] | None, defaults: Sequence[str],
+                  role: str, required: bool) -> int | None: ...
+
+
 def _column_index(path: Path, spec: str | None, names: list[str] | None, defaults: Sequence[str],
                   role: str, required: bool) -> int | None:
     """Resolve a column given by name or 0-based index (or the first default name present)."""
@@ -202,7 +274,7 @@ def _cell(path: Path, n: int, cells: list[str], idx: int, role: str) -> str:
 def read_table(path: Path, head: HeadType, columns: TableColumns, fmt: str) -> Iterator[TextExample]:
     """TSV/CSV/JSONL rows -> TextExample. The target column holds a label, labels or a score by head."""
     width: int | None = None
-    idx: dict[str, int | None] | None = None
+    idx: _Columns | None = None
     for n, rec, names in _records(path, fmt, columns.header and fmt != "jsonl"):
         if isinstance(rec, dict):
             text = _json_field(path, n, rec, columns.text, TEXT_COLUMNS, "text", True)
@@ -224,8 +296,8 @@ def read_table(path: Path, head: HeadType, columns: TableColumns, fmt: str) -> I
         yield _text_example(path, n, head, text, pair, target, columns.label_sep)
 
 
-def _json_field(path: Path, n: int, obj: dict, spec: str | None, defaults: Sequence[str], role: str,
-                required: bool):
+def _json_field(path: Path, n: int, obj: dict[str, Any], spec: str | None, defaults: Sequence[str], role: str,
+                required: bool) -> Any:
     keys = [spec] if spec is not None else list(defaults)
     for key in keys:
         if key in obj:

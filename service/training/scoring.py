@@ -13,7 +13,14 @@ from typing import Any
 from service.bundles.manifest import HeadType
 from service.training import metrics as M
 from service.training.features import word_starts
-from service.training.readers import Example
+from service.training.readers import (
+    Example,
+    classification_examples,
+    multilabel_examples,
+    qa_examples,
+    regression_examples,
+    token_examples,
+)
 
 DEFAULT_METRIC: dict[HeadType, str] = {
     HeadType.CLASSIFICATION: "accuracy",
@@ -42,32 +49,34 @@ def score(head: HeadType, examples: Sequence[Example], predictions: Sequence[dic
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
     if head is HeadType.CLASSIFICATION:
-        gold = [e.label for e in examples]  # type: ignore[union-attr]
+        gold = [e.label for e in classification_examples(examples)]
         pred = [p["label"] for p in predictions]
         out = {"accuracy": M.accuracy(gold, pred), "macro_f1": M.macro_f1(gold, pred)}
         if "mcc" in extra:
             out["mcc"] = M.matthews_corrcoef(gold, pred)
         return out
     if head is HeadType.MULTILABEL:
-        gold = [e.labels for e in examples]  # type: ignore[union-attr]
-        return M.multilabel_scores(gold, [p["labels"] for p in predictions], labels)
+        gold_sets = [e.labels for e in multilabel_examples(examples)]
+        return M.multilabel_scores(gold_sets, [p["labels"] for p in predictions], labels)
     if head is HeadType.REGRESSION:
-        gold = [e.score for e in examples]  # type: ignore[union-attr]
-        pred = [p["value"] for p in predictions]
-        mse = sum((g - p) ** 2 for g, p in zip(gold, pred)) / len(gold)
-        return {"pearson": M.pearson(gold, pred), "spearman": M.spearman(gold, pred), "mse": mse}
+        gold_scores = [e.score for e in regression_examples(examples)]
+        pred_scores = [p["value"] for p in predictions]
+        mse = sum((g - p) ** 2 for g, p in zip(gold_scores, pred_scores)) / len(gold_scores)
+        return {"pearson": M.pearson(gold_scores, pred_scores),
+                "spearman": M.spearman(gold_scores, pred_scores), "mse": mse}
     if head is HeadType.TOKEN_CLASSIFICATION:
-        gold = [M.bio_spans(e.tags) for e in examples]  # type: ignore[union-attr]
-        pred = [entity_token_spans(e.tokens, p["entities"]) for e, p in zip(examples, predictions)]  # type: ignore[union-attr]
-        return M.entity_scores(gold, pred)
-    answers = [[text for text, _ in e.answers] for e in examples]  # type: ignore[union-attr]
+        sentences = token_examples(examples)
+        gold_spans = [M.bio_spans(e.tags) for e in sentences]
+        pred_spans = [entity_token_spans(e.tokens, p["entities"]) for e, p in zip(sentences, predictions)]
+        return M.entity_scores(gold_spans, pred_spans)
+    answers = [[text for text, _ in e.answers] for e in qa_examples(examples)]
     return M.squad_scores([p["answer"] for p in predictions], answers)
 
 
 def entity_token_spans(tokens: Sequence[str], entities: Sequence[dict[str, Any]]) -> list[M.Span]:
     """Serving entities (character spans in the space-joined sentence) -> (type, first word, last word + 1)."""
     starts = word_starts(tokens)
-    spans = []
+    spans: list[M.Span] = []
     for ent in entities:
         first = bisect.bisect_right(starts, ent["start"]) - 1
         last = bisect.bisect_right(starts, max(ent["end"] - 1, ent["start"])) - 1

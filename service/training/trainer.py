@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -209,7 +209,8 @@ def predict(model: TaskModel, encoder: Encoder, rows: Sequence[EncodedRow], devi
                     preds[i], logits[i] = pred, row_logits.clone()
     finally:
         model.train(was_training)
-    return preds, logits  # type: ignore[return-value]
+    # casts: sorted_batches puts every row in exactly one batch, so no None is left
+    return cast("list[dict[str, Any]]", preds), cast("list[torch.Tensor]", logits)
 
 
 def train(
@@ -258,6 +259,7 @@ def train(
         "trainable": sum(p.numel() for p in trainable),
     }
 
+    assert config.lr is not None and config.metric is not None  # set by TrainConfig.__post_init__
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     steps_per_epoch = math.ceil(len(feats.rows) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -269,7 +271,9 @@ def train(
              params["trainable"], backbone_params)
 
     history: list[EpochResult] = []
-    best: tuple[int, dict[str, float], dict[str, torch.Tensor] | None, list, list] | None = None
+    # (epoch, metrics, trainable state, predictions, logits) of the best epoch so far
+    best: tuple[int, dict[str, float], dict[str, torch.Tensor] | None, list[dict[str, Any]],
+                list[torch.Tensor]] | None = None
     train_seconds = 0.0
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -297,7 +301,8 @@ def train(
         bar.close()
         result = EpochResult(epoch, loss_sum / max(seen, 1), time.perf_counter() - t0)
         train_seconds += result.train_seconds
-        preds, logits = [], []
+        preds: list[dict[str, Any]] = []
+        logits: list[torch.Tensor] = []
         if eval_rows:
             t1 = time.perf_counter()
             preds, logits = predict(model, encoder, eval_rows, device, config.eval_batch_size)
