@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install system-deps run test test-fast test-cluster lint bench clean
+.PHONY: install system-deps run test test-fast test-cluster lint typecheck bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,8 @@ system-deps:
 run: install
 	$(VENV)/bin/adapter-service serve
 
-test: install system-deps
+# the whole suite, after the linter and the type checker
+test: install system-deps lint typecheck
 	$(PY) -m pytest -q
 
 test-fast: install
@@ -36,11 +37,15 @@ test-cluster: install system-deps
 lint: install
 	$(VENV)/bin/ruff check service tests bench
 
+# mypy reads its settings from pyproject.toml ([tool.mypy]: service/, strict on modeling/ and runtime/)
+typecheck: install
+	$(VENV)/bin/mypy
+
 bench: install
 	$(PY) bench/engine.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
 # --- training: the shipped adapters and the accuracy report (docs/training.md, docs/accuracy.md) ----------
 # `make train-shipped` retrains every bundle in adapters_store/ from ../shared/datasets (one run at a time,
@@ -66,6 +71,12 @@ EVAL_squad     := $(DATA)/squad/dev_subset_xquad_en.json
 
 ARGS_sst2      := --task sst2 --head classification --train $(DATA)/sst2/train.tsv --eval $(EVAL_sst2) \
                   --label-map 0=negative,1=positive --max-train-examples 20000 --epochs 2 --max-length 64
+# The shipped sst2 bundle: every training row but a seeded 2,000-row holdout, which picks the best epoch (and
+# picked the learning rate, 2e-3 over 1e-3: docs/accuracy.md); dev is scored only afterwards; its report is
+# sst2-adapter-shipped.json. ARGS_sst2 above stays the equal-budget comparison with the baselines (20k rows
+# x 2 epochs, dev picks the epoch; sst2-adapter.json).
+SHIP_sst2      := --task sst2 --head classification --train $(DATA)/sst2/train.tsv --holdout 2000 \
+                  --label-map 0=negative,1=positive --epochs 3 --max-length 64 --lr 2e-3
 ARGS_ag_news   := --task ag_news --head classification --train $(DATA)/ag_news/train.tsv --eval $(EVAL_ag_news) \
                   --label-column label_name --epochs 3 --max-length 128
 ARGS_mrpc      := --task mrpc --head classification --train $(DATA)/mrpc/train.tsv --eval $(EVAL_mrpc) \
@@ -87,7 +98,8 @@ rescore-shipped: $(addprefix rescore-,$(SHIPPED))
 
 $(addprefix train-,$(SHIPPED)): train-%:
 	rm -rf $(STORE)/$*
-	$(TRAIN) $(ARGS_$*) --mode adapter $(ADAPTER) --store $(STORE) --report $(RESULTS)/$*-adapter.json
+	$(TRAIN) --mode adapter $(ADAPTER) $(or $(SHIP_$*),$(ARGS_$*)) --store $(STORE) \
+		--report $(RESULTS)/$*-adapter$(if $(SHIP_$*),-shipped).json
 
 $(addprefix baseline-,$(SHIPPED)): baseline-%:
 	$(TRAIN) $(ARGS_$*) --mode head-only $(HEAD_ONLY) --out build/baselines/$*-head-only.safetensors \

@@ -13,7 +13,14 @@ from typing import Any
 
 from service.bundles.manifest import HeadType, Manifest
 from service.training.features import apply_label_map, parse_label_map
-from service.training.readers import Example, TableColumns, qa_examples, read_dataset, split_by_article
+from service.training.readers import (
+    Example,
+    TableColumns,
+    qa_examples,
+    read_dataset,
+    split_by_article,
+    split_holdout,
+)
 
 READER_DEFAULTS: dict[str, Any] = {
     "format": "auto", "text_column": None, "pair_column": None, "label_column": None, "header": True,
@@ -44,12 +51,16 @@ def load_examples(path: Path | str, head: HeadType, opts: dict[str, Any]) -> lis
 def examples_for_bundle(manifest: Manifest, path: Path | str, **given: Any) -> Sequence[Example]:
     """The eval examples of `path` for a trained bundle: its recorded reader options, overridden by `given`
     (None = not given). A qa bundle trained with `--eval-articles` on this very file gets the same held-out
-    articles (scoring it on the whole file would score its training questions)."""
+    articles, and a bundle trained with `--holdout` the same held-out rows, when `path` is its training file
+    (scoring it on the whole file would score its training examples)."""
     recorded = dict(manifest.training.get("reader") or {})
     opts = reader_options(**{**{k: v for k, v in recorded.items() if k in READER_DEFAULTS},
                              **{k: v for k, v in given.items() if v is not None}})
     examples: Sequence[Example] = load_examples(path, manifest.head_type, opts)
     same_file = sha256_file(path) == manifest.training.get("train_sha256")
+    holdout = manifest.training.get("holdout")
+    if holdout and same_file:  # trained with --holdout: its eval split is that slice of the training file
+        return split_holdout(examples, int(holdout["examples"]), int(holdout["seed"]))[1]
     if opts["eval_articles"] and (same_file or given.get("eval_articles") is not None):
         examples = split_by_article(qa_examples(examples), opts["eval_articles"], opts["split_seed"])[1]
     return examples
