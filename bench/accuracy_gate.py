@@ -4,8 +4,8 @@ its float32 padded score (the gate: within 0.5 points; accuracy, F1 for NER and 
     .venv/bin/python bench/accuracy_gate.py [--modes float32:off,float32:on,bfloat16:on,int8:on] [--out FILE]
 
 Each mode is `precision:packing` (ADAPTER_SERVICE_DTYPE : ADAPTER_SERVICE_PACKING); one backbone load per
-mode, the tasks of `adapters_store/` scored on their whole eval files (../shared/datasets) with
-`service.training.evaluation`, the same path as `adapter-service evaluate`. Prints a Markdown table for
+mode, the tasks of `adapters_store/` scored on the whole eval split of docs/accuracy.md (../shared/datasets)
+with `service.training.evaluation`, the same path as `adapter-service evaluate` (`make rescore-<task>`). Prints a Markdown table for
 docs/accuracy.md and one JSON line; exit status 1 when a mode misses the gate on a task.
 """
 
@@ -33,6 +33,10 @@ from service.training.evaluation import engine_for, evaluate_task
 GATE_POINTS = 0.5
 HEADLINE = {"sst2": "accuracy", "ag_news": "accuracy", "mrpc": "accuracy", "stsb": "pearson",
             "conll2003": "f1", "squad": "f1"}
+# The eval splits of docs/accuracy.md (the Makefile's EVAL_*): dev or test; for squad the XQuAD file, of which
+# examples_for_bundle keeps the 8 articles the bundle held out.
+EVAL_FILES = {"sst2": "sst2/dev.tsv", "ag_news": "ag_news/test.tsv", "mrpc": "mrpc/dev.tsv", "stsb": "stsb/dev.tsv",
+              "conll2003": "conll2003/test.txt", "squad": "squad/dev_subset_xquad_en.json"}
 
 
 def main() -> None:
@@ -40,6 +44,7 @@ def main() -> None:
     ap.add_argument("--modes", default="float32:off,float32:on,bfloat16:on,int8:on")
     ap.add_argument("--tasks", default=",".join(HEADLINE))
     ap.add_argument("--store", type=Path, default=REPO / "adapters_store")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="also write the JSON report here")
     args = ap.parse_args()
@@ -49,7 +54,7 @@ def main() -> None:
     examples = {}
     for task in tasks:
         manifest = store.get_info(task, store.get_active(task)).manifest
-        examples[task] = examples_for_bundle(manifest, REPO / manifest.training["eval_file"])
+        examples[task] = examples_for_bundle(manifest, args.data / EVAL_FILES[task])
     scores: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     compute: dict[str, dict] = {}

@@ -2,15 +2,15 @@
 
 Modes (`ADAPTER_SERVICE_DTYPE`):
 - `float32`, `float16` (CUDA only), `bfloat16`: the backbone's weights and activations in that format.
-- `int8`: the backbone's frozen linear layers hold int8 weights and quantise their input activations
-  per batch (PyTorch's dynamic quantisation, `torch.ao.quantization.quantize_dynamic`, fbgemm/x86 kernels
-  with VNNI dot products); everything else (embeddings, attention, LayerNorm, adapters, heads) float32.
-  CPU only.
-- `auto`: the fastest mode whose accuracy we have measured to stay within the gate of docs/accuracy.md:
-  CUDA: bfloat16 where the GPU computes it natively (compute capability >= 8.0), else float16. CPU:
-  bfloat16 where the CPU has native bfloat16 dot products (AVX512-BF16 or AMX-BF16), else float32.
-  `int8` is never picked by `auto`: where we measured it (docs/benchmarks.md) bfloat16 was faster, and on
-  CPUs without bfloat16 we have not measured it; choose it explicitly after measuring on your CPU.
+- `int8`: the backbone's frozen linear layers hold int8 weights (one scale per output channel) and
+  quantise their input activations per batch (PyTorch's dynamic quantisation,
+  `torch.ao.quantization.quantize_dynamic`, fbgemm/x86 kernels with VNNI dot products); everything else
+  (embeddings, attention, LayerNorm, adapters, heads) float32. CPU only.
+- `auto`: the fastest mode whose accuracy stays within the gate of docs/accuracy.md (0.5 points of
+  float32 on every shipped task): CUDA: bfloat16 where the GPU computes it natively (compute capability
+  >= 8.0), else float16. CPU: bfloat16 where the CPU has native bfloat16 dot products (AVX512-BF16 or
+  AMX-BF16), else float32. `int8` is never picked by `auto`: it misses the gate (up to 1.9 points lower on
+  the shipped tasks, docs/accuracy.md), and where bfloat16 is native it is slower too.
 
 Adapter and head weights stay float32 in bundles; the cache casts them to the compute dtype when it loads
 them (float32 under `int8`).
@@ -105,5 +105,5 @@ def quantize_linear_layers(model: nn.Module) -> int:
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
         # torch leaves quantize_dynamic unannotated, and strict mode refuses calls to untyped functions
         tq.quantize_dynamic(  # type: ignore[no-untyped-call]
-            model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            model, {nn.Linear: tq.per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
     return count
