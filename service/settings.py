@@ -79,6 +79,11 @@ class ServiceSettings(BaseSettings):
         "is pinned by in-flight batches (an upload's smoke test, for one); past it the request gets 503 with "
         "Retry-After. Batches are formed to fit the cache, so requests wait in the queue instead of here."
     )
+    host_cache_bytes: int = Field(
+        256 * MIB, ge=0, description="Bytes of decoded, validated bundles kept in host memory between the store and "
+        "the device cache, so that a task evicted from a small device cache reloads without reading and "
+        "validating its file again (0: off)."
+    )
     upload_max_bytes: int = Field(64 * MIB, ge=1024, description="Largest bundle accepted, in bytes.")
 
     # --- batching -----------------------------------------------------------------------------

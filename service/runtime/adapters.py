@@ -40,6 +40,7 @@ class AdapterManager:
         bundle = self.engine.validate_bundle(data)
         task = bundle.manifest.task
         info = self.store.put(task, data, activate=True)
+        self.engine.host_cache.put((task, info.version), bundle)  # its next load skips the store and validation
         try:
             self.engine.warm(task, info.version, bundle)  # the next request finds it resident
         except Exception:  # warming is an optimisation; the version is stored and will load on demand

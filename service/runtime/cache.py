@@ -246,6 +246,8 @@ class AdapterCache:
                 if waited_since is not None:
                     self.stats.slot_wait_seconds_total += now - waited_since
                 return self._free_slots.pop()
+            if wait_s <= 0:  # a caller that does not wait (a pre-load): no room now, and no wait to count
+                raise CacheFull(f"no free slot for {task}@{version} without waiting")
             if waited_since is None:
                 waited_since, deadline = now, now + wait_s
                 self.stats.slot_waits += 1

@@ -27,6 +27,7 @@ from service.modeling.heads import SequenceHead, TaskHead, pool_tokens
 from service.modeling.packed import Packing, packed_forward
 from service.modeling.slot_pool import NO_ADAPTER, Strategy, install_slot_pool
 from service.runtime.cache import AdapterCache, CacheEntry
+from service.runtime.host_cache import HostBundleCache
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Engine:
         cache_max_bytes: int = 512 * 1024 * 1024,
         cache_max_slots: int = 64,
         cache_wait_s: float = 30.0,
+        host_cache_bytes: int = 256 * 1024 * 1024,
         max_seq_length: int = 256,
         strategy: Strategy | Literal["auto"] = "auto",
         packing: str = "auto",
@@ -107,6 +109,7 @@ class Engine:
         if packing == "on" and not self.packed:
             log.warning("packed forwards need the BERT layer layout; %s runs padded", backbone.ref.model_type)
         self.encoder = Encoder(backbone.tokenizer, min(max_seq_length, backbone.max_length), backbone.uses_token_type_ids)
+        self.host_cache = HostBundleCache(self._fetch_bundle, host_cache_bytes)
         self.pool = install_slot_pool(
             backbone.model, backbone.spec, cache_max_slots, device=backbone.device, dtype=backbone.dtype
         )
@@ -120,7 +123,11 @@ class Engine:
     # --- tasks -------------------------------------------------------------------------------------
 
     def load_bundle(self, task: str, version: int) -> Bundle:
-        """Fetch `task@version` from the store and validate it against the running backbone."""
+        """`task@version` decoded and validated against the running backbone: from the host cache, or
+        fetched from the store (and kept there)."""
+        return self.host_cache.get(task, version)
+
+    def _fetch_bundle(self, task: str, version: int) -> Bundle:
         data = self.store.get_bytes(task, version)
         return decode_bundle(data, backbone=self.backbone.ref, max_bytes=self.upload_max_bytes, digest=False)
 

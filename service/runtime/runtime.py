@@ -129,7 +129,7 @@ class Runtime:
         self._store = store = self._store or make_store(s)
         engine = Engine(
             backbone, store, cache_max_bytes=s.cache_max_bytes, cache_max_slots=s.cache_max_slots,
-            cache_wait_s=s.cache_wait_s, max_seq_length=s.max_seq_length, strategy=s.mixed_strategy,
+            cache_wait_s=s.cache_wait_s, host_cache_bytes=s.host_cache_bytes, max_seq_length=s.max_seq_length, strategy=s.mixed_strategy,
             packing=s.packing, upload_max_bytes=s.upload_max_bytes, on_adapter_load=self._on_adapter_load,
         )
         registry = TaskRegistry(store, on_change=self._task_changed)
@@ -170,6 +170,7 @@ class Runtime:
         engine = self.engine
         was_resident = old is not None and engine.cache.is_resident(task, old.version)
         engine.cache.invalidate(task, keep_version=new.version if new else None)
+        engine.host_cache.forget(task, keep_version=new.version if new else None)
         if new is not None and was_resident:
             try:
                 engine.warm(task, new.version)
