@@ -85,11 +85,14 @@ class Encoder:
             batch["token_type_ids"] = types
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-    def collate_packed(self, rows: Sequence[EncodedRow], device: torch.device) -> dict[str, torch.Tensor]:
-        """Concatenate rows' real tokens: input_ids (/ token_type_ids) [N], no padding."""
-        ids = torch.tensor([t for r in rows for t in r.input_ids], dtype=torch.long)
+    def collate_packed(self, rows: Sequence[EncodedRow], device: torch.device,
+                       extra_pad_tokens: int = 0) -> dict[str, torch.Tensor]:
+        """Concatenate rows' real tokens: input_ids (/ token_type_ids) [N], no padding between rows; then
+        `extra_pad_tokens` pad tokens (a filler row that rounds the batch up to a size bucket)."""
+        ids = torch.tensor([t for r in rows for t in r.input_ids] + [self.pad_id] * extra_pad_tokens, dtype=torch.long)
         batch = {"input_ids": ids}
         if self.use_token_type_ids:
             batch["token_type_ids"] = torch.tensor(
-                [t for r in rows for t in (r.token_type_ids or (0,) * len(r))], dtype=torch.long)
+                [t for r in rows for t in (r.token_type_ids or (0,) * len(r))] + [0] * extra_pad_tokens,
+                dtype=torch.long)
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -247,28 +247,36 @@ class SlotPool:
                 bounds = tuple((ends[s.start - 1] if s.start else 0, ends[s.stop - 1]) for s in segments)
         return Routing(tuple(segments), row_slots, specs, strategy, token_index, bounds)
 
-    def routing_packed(self, segments: Sequence[Segment], offsets: Sequence[int], strategy: Strategy) -> Routing:
+    def routing_packed(self, segments: Sequence[Segment], offsets: Sequence[int], strategy: Strategy,
+                       total_tokens: int | None = None, bucket_shapes: bool = False) -> Routing:
         """Routing for a packed forward (`service.modeling.packed`) of rows sorted by slot: each segment is
         the contiguous token range [offsets[seg.start], offsets[seg.stop]). `segment`: one matmul pair per
-        task; `gather`: the tasks' tokens laid out as [k tasks, L longest], one batched matmul pair."""
+        task; `gather`: the tasks' tokens laid out as [k tasks, L longest], one batched matmul pair. Tokens
+        past the segments, up to `total_tokens` (a batch padded to a size bucket), get no adapter.
+        `bucket_shapes` rounds the gather layout up to k a multiple of 4 and L of 16, so that batches repeat
+        a few matmul shapes (see `Engine.token_bucket`)."""
         specs = {s.slot: spec for s in segments if (spec := self.specs.get(s.slot)) is not None}
         slots = torch.tensor([s.slot for s in segments])
         counts = torch.tensor([offsets[s.stop] - offsets[s.start] for s in segments])
+        pad = 0 if total_tokens is None else total_tokens - int(counts.sum())
         row_slots = torch.tensor([s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long)
         bounds = tuple((offsets[s.start], offsets[s.stop]) for s in segments)
         gather: dict[str, torch.Tensor] = {}
         adapted = [(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs]
         if strategy == "gather" and adapted:
-            L = max(b - a for _, a, b in adapted)
-            places = torch.full((len(adapted), L), 0, dtype=torch.long)
+            L, k = max(b - a for _, a, b in adapted), len(adapted)
+            if bucket_shapes:  # round the [k, L] layout up (filler segments: slot 0, zero weights, never read)
+                L, k = -(-L // 16) * 16, -(-k // 4) * 4
+            places = torch.full((k, L), 0, dtype=torch.long)
             for i, (_, a, b) in enumerate(adapted):
                 places[i, : b - a] = torch.arange(a, b)
             real = torch.tensor([i * L + t for i, (_, a, b) in enumerate(adapted) for t in range(b - a)])
-            gather = {"segment_slots": torch.tensor([slot for slot, _, _ in adapted]),
+            seg_slots = [slot for slot, _, _ in adapted] + [NO_ADAPTER] * (k - len(adapted))
+            gather = {"segment_slots": torch.tensor(seg_slots),
                       "segment_tokens": places.view(-1), "real_places": real,
                       "real_tokens": torch.cat([torch.arange(a, b) for _, a, b in adapted])}
         return Routing(tuple(segments), row_slots.to(self.device), specs, strategy, None, bounds, packed=True,
-                       token_slots=slots.repeat_interleave(counts).to(self.device),
+                       token_slots=F.pad(slots.repeat_interleave(counts), (0, pad), value=NO_ADAPTER).to(self.device),
                        **{k: v.to(self.device) for k, v in gather.items()})
 
     @contextlib.contextmanager
@@ -366,11 +374,12 @@ class SlotPool:
 
     def _activate_segments(self, z: torch.Tensor, segment_slots: torch.Tensor, r: Routing) -> torch.Tensor:
         """z [k, L, m] of a packed gather: each adapter segment's activation (one call when they agree)."""
-        acts = [r.specs[int(slot)].activation for slot in segment_slots.tolist()]
-        if len(set(acts)) == 1:
-            return ACTIVATIONS[acts[0]](z)
+        acts = [r.specs[slot].activation if slot in r.specs else None for slot in segment_slots.tolist()]
+        if len(set(acts) - {None}) == 1:  # filler segments (None) are never read: any activation will do
+            return ACTIVATIONS[next(a for a in acts if a is not None)](z)
         for i, act in enumerate(acts):
-            z[i] = ACTIVATIONS[act](z[i])
+            if act is not None:
+                z[i] = ACTIVATIONS[act](z[i])
         return z
 
     def _apply_gather(self, p: int, h: torch.Tensor, r: Routing) -> torch.Tensor:

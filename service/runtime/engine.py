@@ -106,6 +106,11 @@ class Engine:
         if packing not in ("auto", "on", "off"):
             raise ValueError(f"unknown packing mode {packing!r}")
         self.packed = packing != "off" and backbone.packable
+        # Packed bfloat16 forwards on CPU pad their token count to a multiple of 64 (and the adapters' gather
+        # layout to buckets): PyTorch's oneDNN bfloat16 matmuls keep memory per distinct shape (0.5-1.2 MB
+        # each, never freed), and token counts would otherwise make new shapes in nearly every batch
+        # (docs/benchmarks.md, "Soak"). Elsewhere every token is real.
+        self.token_bucket = 64 if backbone.device.type == "cpu" and backbone.dtype is torch.bfloat16 else 1
         if packing == "on" and not self.packed:
             log.warning("packed forwards need the BERT layer layout; %s runs padded", backbone.ref.model_type)
         self.encoder = Encoder(backbone.tokenizer, min(max_seq_length, backbone.max_length), backbone.uses_token_type_ids)
@@ -283,9 +288,13 @@ class Engine:
     def _packed_hidden(self, plan: BatchPlan, rows: list[EncodedRow]) -> tuple[PoolRows, TokenRows]:
         """The routed forward over the rows' real tokens only (`service.modeling.packed`)."""
         device = self.backbone.device
-        packing = Packing.of([len(r) for r in rows], device)
-        batch = self.encoder.collate_packed(rows, device)
-        routing = self.pool.routing_packed(plan.segments, packing.offsets, self.resolved_strategy())
+        lengths = [len(r) for r in rows]
+        # Round the token count up with one extra pad-token row (no adapter, never read): see token_bucket.
+        extra = -sum(lengths) % self.token_bucket
+        packing = Packing.of(lengths + [extra] if extra else lengths, device)
+        batch = self.encoder.collate_packed(rows, device, extra_pad_tokens=extra)
+        routing = self.pool.routing_packed(plan.segments, packing.offsets, self.resolved_strategy(), packing.tokens,
+                                           bucket_shapes=self.token_bucket > 1)
         with self.pool.route(routing):
             hidden = packed_forward(self.backbone.model, self.backbone.spec, batch["input_ids"],
                                     batch.get("token_type_ids"), packing)  # [N, d], rows sorted by slot

@@ -184,14 +184,14 @@ def _swap_two_slots(monkeypatch):
     """Packed segment: two tasks' token ranges go through each other's adapters."""
     original = SlotPool.routing_packed
 
-    def broken(self, segments, offsets, strategy):
+    def broken(self, segments, offsets, strategy, *args, **kwargs):
         adapted = [i for i, s in enumerate(segments) if s.slot in self.specs]
         segs = list(segments)
         if len(adapted) >= 2:
             a, b = adapted[:2]
             segs[a], segs[b] = (dataclasses.replace(segs[a], slot=segments[b].slot),
                                 dataclasses.replace(segs[b], slot=segments[a].slot))
-        return original(self, segs, offsets, strategy)
+        return original(self, segs, offsets, strategy, *args, **kwargs)
     monkeypatch.setattr(SlotPool, "routing_packed", broken)
 
 
@@ -199,8 +199,8 @@ def _reverse_gather_slots(monkeypatch):
     """Packed gather: the [k, L] layout's tasks read their weights from the wrong slots."""
     original = SlotPool.routing_packed
 
-    def broken(self, segments, offsets, strategy):
-        r = original(self, segments, offsets, strategy)
+    def broken(self, segments, offsets, strategy, *args, **kwargs):
+        r = original(self, segments, offsets, strategy, *args, **kwargs)
         if r.segment_slots is None:
             return r
         return dataclasses.replace(r, segment_slots=r.segment_slots.flip(0))

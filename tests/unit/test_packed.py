@@ -128,3 +128,33 @@ def test_int8_quantises_the_backbone_linear_layers_only(tiny_model_dirs, store):
     assert backbone.dtype is torch.float32
     f32 = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32")
     assert backbone.ref.fingerprint == f32.ref.fingerprint  # bundles trained on float32 weights still match
+
+
+def test_bfloat16_packed_batches_round_their_token_count_up(tiny_model_dirs, store):
+    """On CPU in bfloat16 a packed batch is padded to a multiple of 64 tokens by one filler row (every distinct
+    matmul shape costs memory there); the filler gets no adapter and changes no real row."""
+    path = str(tiny_model_dirs["bert"])
+    bf16 = Engine(load_backbone(path, device="cpu", dtype="bfloat16"), store, cache_max_slots=16, packing="on")
+    assert bf16.token_bucket == 64
+    assert Engine(load_backbone(path, device="cpu", dtype="float32"), store, packing="on").token_bucket == 1
+    fill(store, bf16.backbone.ref)
+    seen: list[int] = []
+    original = bf16.pool.routing_packed
+
+    def spy(segments, offsets, strategy, total_tokens=None, bucket_shapes=False):
+        assert bucket_shapes
+        seen.append(total_tokens)
+        routing = original(segments, offsets, strategy, total_tokens, bucket_shapes)
+        if routing.segment_slots is not None:  # the gather layout is bucketed too: k a multiple of 4
+            assert len(routing.segment_slots) % 4 == 0
+        assert routing.token_slots is not None and len(routing.token_slots) == total_tokens
+        assert set(routing.token_slots[offsets[-1]:].tolist()) <= {0}  # the filler: no adapter
+        return routing
+
+    bf16.pool.routing_packed = spy
+    reqs = all_requests(bf16)
+    mixed = bf16.run(reqs, keep_logits=True)
+    alone = [bf16.run([r], keep_logits=True)[0] for r in reqs[:6]]
+    assert all(n is not None and n % 64 == 0 for n in seen)
+    for a, b in zip(mixed, alone):
+        torch.testing.assert_close(a.logits, b.logits, atol=PRECISION_ATOL["bfloat16"] / 10, rtol=0)
