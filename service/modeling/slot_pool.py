@@ -30,8 +30,6 @@ from service.modeling.bottleneck import ACTIVATIONS
 
 Strategy = Literal["segment", "gather"]
 NO_ADAPTER = 0
-_ADAPTER_PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
-_PARTS = {False: _ADAPTER_PARTS, True: (*_ADAPTER_PARTS, "norm.weight", "norm.bias")}
 Activate = Callable[[torch.Tensor], torch.Tensor]
 # One slot's adapter at one point: down_w [d, m], down_b [m], up_w [m, d], up_b [d], activation
 SlotView = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Activate]
@@ -175,17 +173,21 @@ class SlotPool:
                     self._grow(cfg.bottleneck)
             self._zero(slot)
             m = cfg.bottleneck
-            for layer in range(self.num_layers):
-                for point in cfg.points:
-                    p = self.point_index(layer, point)
-                    t = {part: tensors[adapter_key(layer, point, part)] for part in _PARTS[cfg.train_layernorm]}
-                    self.down_w[p, slot, :, :m].copy_(t["down.weight"])
-                    self.down_b[p, slot, :m].copy_(t["down.bias"])
-                    self.up_w[p, slot, :m, :].copy_(t["up.weight"])
-                    self.up_b[p, slot].copy_(t["up.bias"])
-                    if cfg.train_layernorm:
-                        self.norm_w[p, slot].copy_(t["norm.weight"])
-                        self.norm_b[p, slot].copy_(t["norm.bias"])
+            keys = [(layer, point) for layer in range(self.num_layers) for point in cfg.points]
+            idx = torch.tensor([self.point_index(layer, point) for layer, point in keys], device=self.device)
+
+            def stacked(part: str) -> torch.Tensor:  # every insertion point's `part`, one tensor [points, ...]
+                return torch.stack([tensors[adapter_key(layer, point, part)] for layer, point in keys]).to(
+                    device=self.device, dtype=self.dtype)
+
+            # One indexed copy per part (not one per part and point): a reload is mostly these copies.
+            self.down_w[:, slot, :, :m].index_copy_(0, idx, stacked("down.weight"))
+            self.down_b[:, slot, :m].index_copy_(0, idx, stacked("down.bias"))
+            self.up_w[:, slot, :m, :].index_copy_(0, idx, stacked("up.weight"))
+            self.up_b[:, slot].index_copy_(0, idx, stacked("up.bias"))
+            if cfg.train_layernorm:
+                self.norm_w[:, slot].index_copy_(0, idx, stacked("norm.weight"))
+                self.norm_b[:, slot].index_copy_(0, idx, stacked("norm.bias"))
             spec = SlotSpec(m, cfg.activation, frozenset(cfg.points), cfg.train_layernorm)
             self._views[slot] = self._slot_views(slot, spec)
             self.specs[slot] = spec

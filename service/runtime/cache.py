@@ -106,6 +106,9 @@ class AdapterCache:
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)  # notified whenever a pin or a slot is given back
         self._key_locks: dict[Key, tuple[threading.Lock, int]] = {}  # key -> (lock, threads using it)
+        # Heads of entries evicted to make room (not of deleted or replaced versions), kept for a reload:
+        # building a head module costs about as much as the rest of a load. At most 4 per slot, LRU.
+        self._spare_heads: OrderedDict[Key, TaskHead] = OrderedDict()
         self.stats = CacheStats()
 
     # --- public --------------------------------------------------------------------------------
@@ -154,6 +157,8 @@ class AdapterCache:
         """Drop every resident version of `task` (but `keep_version`); pinned ones go when released.
         Returns how many entries were affected."""
         with self._lock:
+            for key in [k for k in self._spare_heads if k[0] == task and k[1] != keep_version]:
+                del self._spare_heads[key]  # deleted or replaced: not asked for again
             victims = [e for e in self._entries.values() if e.task == task and e.version != keep_version]
             for e in victims:
                 e.doomed = True
@@ -198,8 +203,11 @@ class AdapterCache:
         try:
             if bundle is None:
                 bundle = self._fetch(task, version)
-            head = build_head(bundle.manifest, bundle.tensors).to(device=self.device, dtype=self.dtype).eval()
-            head.requires_grad_(False)
+            with self._lock:
+                head = self._spare_heads.pop((task, version), None)
+            if head is None:
+                head = build_head(bundle.manifest, bundle.tensors).to(device=self.device, dtype=self.dtype).eval()
+                head.requires_grad_(False)
             nbytes = self.footprint(bundle.manifest)
             with self._lock:
                 slot = self._reserve(nbytes, task, version, wait_s)
@@ -265,6 +273,10 @@ class AdapterCache:
         """The LRU's removal callback. Caller holds the lock; the entry is unpinned."""
         entry.state = EntryState.EVICTED
         self._drop(entry)
+        if not entry.doomed and entry.version > 0:  # smoke tests use negative versions: never reloaded
+            self._spare_heads[entry.key] = entry.head
+            while len(self._spare_heads) > 4 * self.max_slots:
+                self._spare_heads.popitem(last=False)
         self.stats.evictions += 1
         if self._on_evict_hook is not None:
             self._on_evict_hook(entry)

@@ -241,3 +241,19 @@ def test_concurrent_use_never_exceeds_budget_nor_evicts_a_pinned_entry(tiny_back
     assert all(e.pins == 0 for e in cache.resident())
     assert cache.stats.resident_bytes <= cache.max_bytes
     assert len(cache.resident()) <= 3
+
+
+def test_a_reload_after_eviction_reuses_the_head_and_rewrites_the_slot(tiny_backbone):
+    fetch = Fetcher(tiny_backbone.ref)
+    cache = make_cache(tiny_backbone, fetch, entries_that_fit=100, slots=1)
+    first = cache.acquire("t0", 1)
+    head = first.head
+    cache.release(first)
+    cache.release(cache.acquire("t1", 1))  # evicts t0 (one slot)
+    again = cache.acquire("t0", 1)
+    assert again is not first and again.head is head  # the evicted entry's head, kept for the reload
+    assert slot_holds(cache, again, fetch)  # the slot holds t0's weights again
+    cache.release(again)
+    cache.invalidate("t0")  # a replaced or deleted task: its spare head goes too
+    cache.release(cache.acquire("t1", 1))
+    assert cache.acquire("t0", 1).head is not head
