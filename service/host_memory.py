@@ -4,7 +4,7 @@ PyTorch's CPU tensors come from malloc. glibc serves large blocks with fresh `mm
 (and trims the heap top past 128 KiB), so every forward pass faults its activations in page by page again:
 ~13,000 page faults per batch of 32 sentences on MiniLM, each page zeroed by the kernel (and the faults of
 parallel threads can contend for the process's memory map lock). Raising the mmap and trim thresholds keeps those
-blocks in the heap, as jemalloc or tcmalloc would: 5-37% faster CPU forwards (bench/engine.py with and without
+blocks in the heap, as jemalloc or tcmalloc would: faster CPU forwards (bench/engine.py with and without
 `--keep-freed-memory`, docs/benchmarks.md). The cost: the heap stays at its peak size instead of shrinking
 between batches.
 """

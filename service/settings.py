@@ -50,7 +50,7 @@ class ServiceSettings(BaseSettings):
     )
     keep_freed_host_memory: bool = Field(
         True, description="Let the C allocator keep freed tensor buffers for reuse instead of unmapping them after "
-        "every forward (glibc only; 5-37% faster CPU forwards, measured in docs/benchmarks.md; the heap keeps its "
+        "every forward (glibc only; faster CPU forwards, measured in docs/benchmarks.md; the heap keeps its "
         "peak size)."
     )
     max_seq_length: int = Field(

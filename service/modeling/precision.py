@@ -9,8 +9,8 @@ Modes (`ADAPTER_SERVICE_DTYPE`):
 - `auto`: the fastest mode whose accuracy stays within the gate of docs/accuracy.md (0.5 points of
   float32 on every shipped task): CUDA: bfloat16 where the GPU computes it natively (compute capability
   >= 8.0), else float16. CPU: bfloat16 where the CPU has native bfloat16 dot products (AVX512-BF16 or
-  AMX-BF16), else float32. `int8` is never picked by `auto`: it misses the gate (up to 1.9 points lower on
-  the shipped tasks, docs/accuracy.md), and where bfloat16 is native it is slower too.
+  AMX-BF16), else float32. `int8` is never picked by `auto`: it misses the gate on the shipped tasks
+  (docs/accuracy.md), and where bfloat16 is native it is slower too (docs/benchmarks.md).
 
 Adapter and head weights stay float32 in bundles; the cache casts them to the compute dtype when it loads
 them (float32 under `int8`).
@@ -93,9 +93,8 @@ def quantize_linear_layers(model: nn.Module) -> int:
     Returns how many were replaced.
 
     `torch.ao.quantization` is deprecated in favour of torchao, but torchao 0.18's int8 dynamic
-    quantisation has no fast eager CPU kernel (1.04x float32 on MiniLM where this path is 1.9x: measured in
-    docs/benchmarks.md), so this stays on the maintained-until-removed fbgemm/x86 path; its deprecation
-    warning is silenced here only."""
+    quantisation has no fast eager CPU kernel (measured against this path in docs/benchmarks.md), so this
+    stays on the maintained-until-removed fbgemm/x86 path; its deprecation warning is silenced here only."""
     import warnings
 
     import torch.ao.quantization as tq

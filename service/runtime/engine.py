@@ -95,7 +95,6 @@ class Engine:
         packing: str = "auto",
         upload_max_bytes: int = 64 * 1024 * 1024,
         on_adapter_load: Callable[[CacheEntry, float], None] | None = None,
-        on_adapter_evict: Callable[[CacheEntry], None] | None = None,
     ):
         self.backbone = backbone
         self.store = store
@@ -107,9 +106,9 @@ class Engine:
             raise ValueError(f"unknown packing mode {packing!r}")
         self.packed = packing != "off" and backbone.packable
         # Packed bfloat16 forwards on CPU pad their token count to a multiple of 64 (and the adapters' gather
-        # layout to buckets): PyTorch's oneDNN bfloat16 matmuls keep memory per distinct shape (0.5-1.2 MB
-        # each, never freed), and token counts would otherwise make new shapes in nearly every batch
-        # (docs/benchmarks.md, "Soak"). Elsewhere every token is real.
+        # layout to buckets): PyTorch's oneDNN bfloat16 matmuls compile a kernel and keep memory for every
+        # distinct shape, and token counts would otherwise make new shapes in nearly every batch (measured in
+        # docs/benchmarks.md, "Soak"; bench/shape_memory.py). Elsewhere every token is real.
         self.token_bucket = 64 if backbone.device.type == "cpu" and backbone.dtype is torch.bfloat16 else 1
         if packing == "on" and not self.packed:
             log.warning("packed forwards need the BERT layer layout; %s runs padded", backbone.ref.model_type)
@@ -120,7 +119,7 @@ class Engine:
         )
         self.cache = AdapterCache(
             self.pool, self.load_bundle, max_bytes=cache_max_bytes, max_slots=cache_max_slots,
-            device=backbone.device, dtype=backbone.dtype, on_load=on_adapter_load, on_evict=on_adapter_evict,
+            device=backbone.device, dtype=backbone.dtype, on_load=on_adapter_load,
             admission_timeout_s=cache_wait_s,
         )
         self._smoke_ids = itertools.count(1)

@@ -11,10 +11,10 @@ import time
 import pytest
 
 from service.errors import CacheFull
-from service.runtime.batcher import Batcher, BatchStats, CacheBudget
+from service.runtime.batcher import BatchStats, CacheBudget
 from service.runtime.engine import Engine, RowRequest, RowResult
 from tests.conftest import make_bundle, make_manifest
-from tests.unit.test_batcher import row
+from tests.unit.test_batcher import row, with_batcher
 
 
 class SlotCountingEngine:
@@ -53,15 +53,6 @@ def req(task: str | None, footprint: int = 100) -> RowRequest:
     return RowRequest(task, 1 if task else 0, row(), footprint if task else 0)
 
 
-async def run_batcher(engine, coro, **kw):
-    batcher = Batcher(engine, **kw)
-    await batcher.start()
-    try:
-        return await coro(batcher)
-    finally:
-        await batcher.stop()
-
-
 def test_four_slots_and_twelve_tasks_in_flight_complete_every_request():
     engine = SlotCountingEngine(slots=4, seconds=0.005)
     stats: list[BatchStats] = []
@@ -80,7 +71,7 @@ def test_four_slots_and_twelve_tasks_in_flight_complete_every_request():
     async def go(b):
         return await asyncio.gather(*(client(b, 25) for _ in range(16)))
 
-    results = asyncio.run(run_batcher(engine, go, workers=2, max_batch_size=16, max_wait_ms=1,
+    results = asyncio.run(with_batcher(engine, go, workers=2, max_batch_size=16, max_wait_ms=1,
                                       budget=CacheBudget(slots=4, max_bytes=10_000), on_batch=stats.append))
     pairs = [p for r in results for p in r]
     assert len(pairs) == 400 and all(sent == got for sent, got in pairs)
@@ -98,7 +89,7 @@ def test_without_a_budget_the_same_traffic_fails_requests():
         rows = [req(f"t{i % 12}") for i in range(48)]
         return await b.submit(rows)
 
-    results = asyncio.run(run_batcher(engine, go, workers=2, max_batch_size=16, max_wait_ms=0))
+    results = asyncio.run(with_batcher(engine, go, workers=2, max_batch_size=16, max_wait_ms=0))
     assert any(isinstance(r.error, CacheFull) for r in results)
 
 
@@ -109,7 +100,7 @@ def test_the_byte_budget_binds_like_the_slots():
     async def go(b):
         return await b.submit([req(f"t{i % 6}", footprint=300) for i in range(36)])
 
-    results = asyncio.run(run_batcher(engine, go, workers=2, max_batch_size=32, max_wait_ms=0,
+    results = asyncio.run(with_batcher(engine, go, workers=2, max_batch_size=32, max_wait_ms=0,
                                       budget=CacheBudget(slots=100, max_bytes=1000), on_batch=seen.append))
     assert all(r.error is None for r in results)
     assert engine.most_pinned <= 3  # 3 x 300 bytes fit in 1000
@@ -135,7 +126,7 @@ def test_a_rare_task_behind_a_hot_flood_is_served_within_a_few_batches():
         await asyncio.gather(*floods)
         return res
 
-    res = asyncio.run(run_batcher(engine, go, workers=2, max_batch_size=8, max_wait_ms=1,
+    res = asyncio.run(with_batcher(engine, go, workers=2, max_batch_size=8, max_wait_ms=1,
                                   budget=CacheBudget(slots=1, max_bytes=10_000)))
     assert res.error is None and res.prediction == {"task": "rare"}
     # The rows queued before it, then its own batch once the running hot batches are out (2 workers).
@@ -149,7 +140,7 @@ def test_embeddings_need_no_slot():
     async def go(b):
         return await b.submit([req("a"), req(None), req("b"), req(None)])
 
-    results = asyncio.run(run_batcher(engine, go, workers=1, max_batch_size=8, max_wait_ms=0,
+    results = asyncio.run(with_batcher(engine, go, workers=1, max_batch_size=8, max_wait_ms=0,
                                       budget=CacheBudget(slots=1, max_bytes=10_000)))
     assert all(r.error is None for r in results)
     assert engine.batches[0] == ["a", None, None] and engine.batches[1] == ["b"]
@@ -176,7 +167,7 @@ def test_the_real_engine_with_four_slots_serves_twelve_tasks(tiny_backbone, stor
     async def go(b):
         await asyncio.gather(*(client(b) for _ in range(12)))
 
-    asyncio.run(run_batcher(engine, go, workers=2, max_batch_size=8, max_wait_ms=1,
+    asyncio.run(with_batcher(engine, go, workers=2, max_batch_size=8, max_wait_ms=1,
                             budget=CacheBudget(engine.cache.max_slots, engine.cache.max_bytes)))
     assert engine.cache.stats.slot_wait_timeouts == 0 and engine.cache.stats.load_failures == 0
     assert engine.cache.stats.evictions > 0  # 12 tasks through 4 slots
