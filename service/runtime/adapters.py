@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from service.bundles.manifest import check_task_name
 from service.bundles.store import AdapterStore, VersionInfo
-from service.errors import StoreUnavailable, TaskNotFound
+from service.errors import CacheFull, StoreUnavailable, TaskNotFound
 from service.runtime.engine import Engine
 from service.runtime.registry import TaskRegistry
 
@@ -43,6 +43,8 @@ class AdapterManager:
         self.engine.host_cache.put((task, info.version), bundle)  # its next load skips the store and validation
         try:
             self.engine.warm(task, info.version, bundle)  # the next request finds it resident
+        except CacheFull:  # every slot in use right now: it loads with its first request
+            log.debug("not pre-loaded (no free slot): %s@%d", task, info.version)
         except Exception:  # warming is an optimisation; the version is stored and will load on demand
             log.warning("could not pre-load %s@%d", task, info.version, exc_info=True)
         self._refresh_after_write(task)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from service.bundles.store import AdapterStore, LocalAdapterStore
-from service.errors import ConfigurationError, NotReady, StoreUnavailable
+from service.errors import CacheFull, ConfigurationError, NotReady, StoreUnavailable
 from service.modeling.backbone import Backbone, load_backbone
 from service.runtime.adapters import AdapterManager
 from service.runtime.batcher import Batcher, BatchStats, CacheBudget
@@ -174,6 +174,8 @@ class Runtime:
         if new is not None and was_resident:
             try:
                 engine.warm(task, new.version)
+            except CacheFull:  # every slot in use right now: it loads with its first request
+                log.debug("not pre-loaded (no free slot): %s@%d", task, new.version)
             except Exception:
                 log.warning("could not pre-load %s@%d", task, new.version, exc_info=True)
 
