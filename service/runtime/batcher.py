@@ -7,11 +7,11 @@ gained by holding the only work back). Rows of similar length go together (less 
 every batch includes the oldest waiting row (no starvation). With a `CacheBudget`, a batch admits only
 rows whose tasks fit the device cache beside the tasks the running batches hold (`admit_rows`); the others
 stay queued in arrival order, and when the oldest row's task does not fit, no batch starts until a running
-one finishes, so a small cache makes requests wait, never fail, and a rare task is not starved. Forwards run in `workers` threads (a batch
-is taken when a worker is free, so rows keep gathering while all are busy; a batch takes at most a
-fair share of the rows waiting and running, so the workers' batches stay level), and the event loop keeps
-accepting and tokenising requests meanwhile. The queue is bounded: a full queue
-refuses new work with `Overloaded` instead of letting latency grow without limit.
+one finishes, so a small cache makes requests wait, never fail, and a rare task is not starved. Forwards
+run in `workers` threads (a batch is taken when a worker is free, so rows keep gathering while all are
+busy; a batch takes at most a fair share of the rows waiting and running, so the workers' batches stay
+level), and the event loop keeps accepting and tokenising requests meanwhile. The queue is bounded: a full
+queue refuses new work with `Overloaded` instead of letting latency grow without limit.
 """
 
 from __future__ import annotations
@@ -171,10 +171,11 @@ class Batcher:
                     await self._wakeup.wait()
                 continue
             self._running_rows += len(batch)
-            for key in {k for p in batch if (k := p.request.key) is not None}:
+            held = {k: p.request.footprint for p in batch if (k := p.request.key) is not None}  # its task versions
+            for key, nbytes in held.items():
                 self._held[key] += 1
-                self._held_bytes[key] = next(p.request.footprint for p in batch if p.request.key == key)
-            run = asyncio.create_task(self._run(loop, batch, cut_short))
+                self._held_bytes[key] = nbytes
+            run = asyncio.create_task(self._run(loop, batch, held, cut_short))
             self._runs.add(run)
             run.add_done_callback(self._runs.discard)
 
@@ -215,7 +216,8 @@ class Batcher:
         self._queue = deque(p for p in self._queue if id(p) not in taken and not p.future.done())
         return chosen, bool(refused)
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], cut_short: bool) -> None:
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], held: dict[tuple[str, int], int],
+                   cut_short: bool) -> None:
         t0, started = time.perf_counter(), loop.time()
         assert self._free_workers is not None and self._wakeup is not None  # set by start()
         try:
@@ -228,7 +230,7 @@ class Batcher:
             return
         finally:
             self._running_rows -= len(batch)
-            for key in {k for p in batch if (k := p.request.key) is not None}:
+            for key in held:
                 self._held[key] -= 1
                 if not self._held[key]:
                     del self._held[key], self._held_bytes[key]
