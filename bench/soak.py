@@ -10,7 +10,8 @@ peer's), sends one warm-up predict per task, then a closed loop of `--requests` 
 tasks (`--gap-s` apart, one after the other; each upload is smoke-tested, stored, activated and pre-loaded
 by the server). Failed = any predict or upload that did not answer 200 / 201.
 
-Server memory: RSS after the warm-up, after each quarter of the uploads, and at the end (from /proc).
+Server memory: RSS after the warm-up, after each quarter of the uploads, every `--rss-every-s` seconds, and
+at the end (from /proc); with `--uploads 0` the same traffic shows what traffic alone adds.
 Prints one line per server and a JSON report with throughput ratios (smallest cache over largest); the
 exit status is 1 when anything failed.
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import shutil
@@ -105,7 +107,17 @@ async def soak(url: str, names: list[str], bundles, args, pid: int) -> dict:
         finally:
             load_done.set()
 
-    result, uploads = await asyncio.gather(load(), upload_all(url, bundles, args.gap_s, pid, rss, load_done))
+    timeline: list[tuple[float, float]] = []
+
+    async def sample_rss():
+        t0 = time.perf_counter()
+        while not load_done.is_set():
+            timeline.append((round(time.perf_counter() - t0, 1), round(rss_mib(pid), 1)))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(load_done.wait(), args.rss_every_s)
+
+    result, uploads, _ = await asyncio.gather(load(), upload_all(url, bundles, args.gap_s, pid, rss, load_done),
+                                              sample_rss())
     rss["at_end"] = round(rss_mib(pid), 1)
     async with aiohttp.ClientSession(url) as session, session.get("/metrics") as resp:
         metrics = await resp.text()
@@ -114,7 +126,8 @@ async def soak(url: str, names: list[str], bundles, args, pid: int) -> dict:
               "adapter_service_admission_wait_seconds_count", "adapter_service_admission_wait_seconds_sum")
     counters = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
                 if line.split() and line.split()[0] in wanted}
-    return {"load": result.summary(), "uploads": dict(uploads), "rss_mib": rss, "metrics": counters}
+    return {"load": result.summary(), "uploads": dict(uploads), "rss_mib": rss, "rss_timeline_s_mib": timeline,
+            "metrics": counters}
 
 
 def main() -> None:
@@ -126,6 +139,7 @@ def main() -> None:
     ap.add_argument("--gap-s", type=float, default=0.3, help="pause after each upload")
     ap.add_argument("--slots", default="8,64", help="comma-separated ADAPTER_SERVICE_CACHE_MAX_SLOTS values")
     ap.add_argument("--rounds", type=int, default=1, help="servers per slot count, alternating")
+    ap.add_argument("--rss-every-s", type=float, default=10.0, help="RSS sampling period during the traffic")
     ap.add_argument("--deadline-s", type=float, default=900.0)
     ap.add_argument("--port", type=int, default=8771)
     ap.add_argument("--out", type=Path, help="also write the JSON report here")
@@ -159,7 +173,7 @@ def main() -> None:
                     stop(proc)
                 runs[slots].append(got)
                 load, up = got["load"], got["uploads"]
-                failed |= load["errors"] > 0 or set(up) != {"ok"}
+                failed |= load["errors"] > 0 or any(k != "ok" for k in up)
                 print(f"slots {slots:>4} round {rnd + 1}: {load['req_per_s']:.1f} req/s, p99 {load['p99_ms']:.0f} ms, "
                       f"failed requests {load['errors']} {load['error_kinds']}, uploads {up}, RSS MiB {got['rss_mib']}, "
                       f"{got['metrics']}", flush=True)

@@ -20,6 +20,7 @@ import torch
 
 from service.bundles.store import AdapterStore, LocalAdapterStore
 from service.errors import CacheFull, ConfigurationError, NotReady, StoreUnavailable
+from service.host_memory import release_freed_memory
 from service.modeling.backbone import Backbone, load_backbone
 from service.runtime.adapters import AdapterManager
 from service.runtime.batcher import Batcher, BatchStats, CacheBudget
@@ -166,11 +167,13 @@ class Runtime:
     # --- wiring ---------------------------------------------------------------------------------------
 
     def _task_changed(self, task: str, old: TaskView | None, new: TaskView | None) -> None:
-        """Drop the task's other versions from the device; pre-load the new one if the old was hot."""
+        """Drop the task's other versions from the device and host memory (handing their freed pages back to
+        the kernel); pre-load the new one if the old was hot."""
         engine = self.engine
         was_resident = old is not None and engine.cache.is_resident(task, old.version)
         engine.cache.invalidate(task, keep_version=new.version if new else None)
         engine.host_cache.forget(task, keep_version=new.version if new else None)
+        release_freed_memory()
         if new is not None and was_resident:
             try:
                 engine.warm(task, new.version)

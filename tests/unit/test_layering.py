@@ -1,6 +1,7 @@
-"""Imports point one way: api -> runtime -> modeling -> bundles -> settings/errors; cluster -> bundles (and the
-runtime, which owns the cluster wiring, -> cluster); training -> modeling, bundles; host_memory (process allocator tuning) sits beside settings/errors. modeling never
-imports FastAPI or redis."""
+"""Imports point one way: api -> runtime -> modeling -> bundles -> kinds -> settings/errors; cluster -> bundles
+(and the runtime, which owns the cluster wiring, -> cluster); training -> modeling, bundles, kinds; host_memory
+(process allocator tuning) sits beside settings/errors. kinds (what each head type means) needs no other
+layer; modeling never imports FastAPI or redis."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import pytest
 from tests.conftest import REPO
 
 ALLOWED = {
-    "bundles": {"bundles", "settings", "errors"},
-    "modeling": {"modeling", "bundles", "settings", "errors"},
-    "runtime": {"runtime", "modeling", "bundles", "settings", "errors", "cluster"},  # cluster: runtime.py only
-    "cluster": {"cluster", "bundles", "settings", "errors"},
-    "training": {"training", "modeling", "bundles", "settings", "errors", "host_memory", "runtime"},  # runtime: Engine re-scoring
-    "api": {"api", "runtime", "modeling", "bundles", "settings", "errors", "host_memory", ""},  # "": service.__version__
+    "kinds": {"kinds", "settings", "errors"},
+    "bundles": {"bundles", "kinds", "settings", "errors"},
+    "modeling": {"modeling", "bundles", "kinds", "settings", "errors"},
+    "runtime": {"runtime", "modeling", "bundles", "kinds", "settings", "errors", "host_memory", "cluster"},  # cluster: runtime.py only
+    "cluster": {"cluster", "bundles", "kinds", "settings", "errors"},
+    "training": {"training", "modeling", "bundles", "kinds", "settings", "errors", "host_memory", "runtime"},  # runtime: Engine re-scoring
+    "api": {"api", "runtime", "modeling", "bundles", "kinds", "settings", "errors", "host_memory", ""},  # "": service.__version__
 }
 FORBIDDEN_THIRD_PARTY = {"modeling": {"fastapi", "starlette", "redis", "uvicorn"},
-                         "bundles": {"fastapi", "starlette", "redis", "uvicorn", "transformers"}}
+                         "bundles": {"fastapi", "starlette", "redis", "uvicorn", "transformers"},
+                         "kinds": {"fastapi", "starlette", "redis", "uvicorn", "transformers"}}
 
 
 def imports_of(package: str) -> list[tuple[str, str]]:
