@@ -23,9 +23,9 @@ import json
 import torch
 
 from service.bundles.store import LocalAdapterStore
+from service.kinds.metrics import pearson, spearman
 from service.modeling.backbone import load_backbone
 from service.runtime.engine import Engine, RowRequest
-from service.training.metrics import pearson, spearman
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ ADMIN: dict[int | str, dict[str, Any]] = {
 def _upload_body(info: VersionInfo, active: bool) -> dict:
     m = info.manifest
     return {"task": info.task, "version": info.version, "sha256": info.sha256, "active": active,
-            "head_type": m.head_type.value, "labels": m.labels, "size_bytes": info.size_bytes}
+            "head_type": m.kind.name, "labels": m.labels, "size_bytes": info.size_bytes}
 
 
 @router.post(
@@ -54,7 +54,7 @@ async def list_adapters(svc: Annotated[Services, Depends(services)]):
     summaries = await run_in_threadpool(svc.manager.summaries)
     return {"adapters": [
         {"task": s.task, "active_version": s.active_version, "versions": s.versions,
-         "head_type": s.active.manifest.head_type.value, "labels": s.active.manifest.labels,
+         "head_type": s.active.manifest.kind.name, "labels": s.active.manifest.labels,
          "size_bytes": s.active.size_bytes, "resident": s.active_version in s.resident_versions}
         for s in summaries
     ]}
@@ -68,7 +68,7 @@ async def describe(task: str, svc: Annotated[Services, Depends(services)]):
     versions = await run_in_threadpool(svc.manager.versions, task)
     return {
         "task": task, "active_version": summary.active_version,
-        "head_type": summary.active.manifest.head_type.value, "labels": summary.active.manifest.labels,
+        "head_type": summary.active.manifest.kind.name, "labels": summary.active.manifest.labels,
         "versions": [
             {"version": v.version, "active": v.version == summary.active_version,
              "resident": v.version in summary.resident_versions, "sha256": v.sha256, "size_bytes": v.size_bytes,

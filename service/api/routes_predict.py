@@ -15,7 +15,6 @@ from service.api.errors import status_for
 from service.api.metrics import UNKNOWN_TASK
 from service.api.responses import JSON
 from service.api.schemas import PREDICT_EXAMPLES, EmbedRequest, EmbedResponse, PredictRequest, PredictResponse
-from service.bundles.manifest import HeadType
 from service.runtime.engine import RowRequest
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
@@ -42,7 +41,7 @@ async def predict(
         if view is None:
             view = await run_in_threadpool(svc.registry.resolve, task)
         s = svc.settings
-        texts, pairs = body.inputs(view.manifest.head_type, max_items=s.max_items_per_request, max_chars=s.max_text_chars)
+        texts, pairs = body.inputs(view.manifest.kind, max_items=s.max_items_per_request, max_chars=s.max_text_chars)
         rows = svc.engine.encode(view.manifest, texts, pairs)
         results = await svc.batcher.submit(svc.engine.requests(task, view.version, view.manifest, rows))
         for r in results:
@@ -63,7 +62,7 @@ async def embed(body: EmbedRequest, svc: Annotated[Services, Depends(services)])
     """Sentence embeddings from the plain backbone (mean-pooled, L2-normalised): no adapter."""
     s = svc.settings
     texts, _ = PredictRequest(texts=body.texts).inputs(  # the same checks as a plain-text predict
-        HeadType.CLASSIFICATION, max_items=s.max_items_per_request, max_chars=s.max_text_chars
+        None, max_items=s.max_items_per_request, max_chars=s.max_text_chars
     )
     rows = svc.engine.encode(None, texts)
     results = await svc.batcher.submit([RowRequest(None, 0, r) for r in rows])

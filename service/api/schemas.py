@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.bundles.manifest import HeadType
 from service.errors import InputTooLarge, InvalidInput
+from service.kinds import TaskKind
 
 
 class PredictRequest(BaseModel):
@@ -26,8 +26,9 @@ class PredictRequest(BaseModel):
     questions: list[str] | None = None
     contexts: list[str] | None = None
 
-    def inputs(self, head: HeadType, *, max_items: int, max_chars: int) -> tuple[list[str], list[str] | None]:
-        """(texts, second texts or None) for a task with `head`; for QA (questions, contexts).
+    def inputs(self, kind: TaskKind | None, *, max_items: int, max_chars: int) -> tuple[list[str], list[str] | None]:
+        """(texts, second texts or None) for a task of `kind` (None: plain texts, no task); for QA
+        (questions, contexts).
         Raises InvalidInput (422) when the shape does not fit, InputTooLarge (413) for an over-long text."""
         given = {k for k, v in self.model_dump(exclude_none=True).items()}
         shapes = [
@@ -42,13 +43,11 @@ class PredictRequest(BaseModel):
                 f"{{question, context}}, {{questions, contexts}}; got {{{', '.join(sorted(given)) or 'nothing'}}}"
             )
         first, second = match
-        qa = first.startswith("question")
-        if head is HeadType.QA and not qa:
-            raise InvalidInput("this task answers questions: send {question, context} or {questions, contexts}")
-        if head is not HeadType.QA and qa:
-            raise InvalidInput(f"this task is {head.value}, not question answering: send text or texts")
-        if head is HeadType.TOKEN_CLASSIFICATION and second is not None:
-            raise InvalidInput("this task tags single texts: text pairs are not accepted")
+        question_form = first.startswith("question")
+        problem = (kind.input_problem(question_form=question_form, has_pairs=second is not None) if kind is not None
+                   else "send text or texts" if question_form else None)
+        if problem:
+            raise InvalidInput(problem)
         texts = _as_list(getattr(self, first))
         pairs = _as_list(getattr(self, second)) if second else None
         if not texts:

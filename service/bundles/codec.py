@@ -19,8 +19,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from service.bundles.layout import expected_shapes, label_problem
-from service.bundles.manifest import FORMAT_VERSION, TASK_NAME_RE, BackboneRef, HeadType, Manifest
+from service.bundles.manifest import FORMAT_VERSION, TASK_NAME_RE, BackboneRef, Manifest
 from service.errors import BackboneMismatch, BundleInvalid, BundleTooLarge
+from service.kinds import kind_names
 
 MANIFEST_KEY = "manifest"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -152,10 +153,8 @@ def _parse_manifest(header: dict[str, Any]) -> Manifest:
     if not isinstance(task, str) or not TASK_NAME_RE.fullmatch(task):
         raise BundleInvalid("bad_task_name", f"task name {task!r} does not match ^[a-z0-9][a-z0-9_-]{{0,63}}$")
     head = raw.get("head_type")
-    if head not in {h.value for h in HeadType}:
-        raise BundleInvalid(
-            "unknown_head_type", f"unknown head type {head!r}; expected one of {[h.value for h in HeadType]}"
-        )
+    if head not in kind_names():
+        raise BundleInvalid("unknown_head_type", f"unknown head type {head!r}; expected one of {kind_names()}")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
@@ -172,8 +171,7 @@ def _tensor_problem(manifest: Manifest, actual: dict[str, tuple[str, tuple[int, 
     """(code, message) for the first tensor that is missing, extra, misshapen or not float; else None."""
     want = expected_shapes(manifest)
     out_shape = actual.get("head.out.weight", (None, ()))[1]
-    labelled = manifest.head_type not in (HeadType.REGRESSION, HeadType.QA)
-    if labelled and out_shape and out_shape[0] != manifest.output_size():
+    if manifest.kind.labelled and out_shape and out_shape[0] != manifest.output_size():
         return (
             "labels_mismatch",
             f"manifest lists {len(manifest.labels)} labels but head.out.weight has {out_shape[0]} outputs",

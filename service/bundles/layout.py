@@ -6,7 +6,7 @@ Adapter weights use the `x @ weight` convention, so they copy straight into the 
     adapter.{layer}.{point}.up.weight    [m, d]     adapter.{layer}.{point}.up.bias    [d]
     adapter.{layer}.{point}.norm.weight  [d]        adapter.{layer}.{point}.norm.bias  [d]   (train_layernorm only)
 
-Heads (`C` = `Manifest.output_size()`):
+Heads (`C` = `Manifest.output_size()`; the kind says, `TaskKind.head_shapes`):
 
     head.dense.weight [d, d]   head.dense.bias [d]     (sequence-level heads with hidden_layer)
     head.out.weight   [C, d]   head.out.bias   [C]
@@ -14,7 +14,7 @@ Heads (`C` = `Manifest.output_size()`):
 
 from __future__ import annotations
 
-from service.bundles.manifest import HeadType, Manifest
+from service.bundles.manifest import Manifest
 
 Shape = tuple[int, ...]
 
@@ -43,14 +43,7 @@ def adapter_shapes(manifest: Manifest) -> dict[str, Shape]:
 
 
 def head_shapes(manifest: Manifest) -> dict[str, Shape]:
-    d, c = manifest.backbone.hidden_size, manifest.output_size()
-    shapes: dict[str, Shape] = {}
-    if manifest.head_type.is_sequence_level and manifest.head.hidden_layer:
-        shapes["head.dense.weight"] = (d, d)
-        shapes["head.dense.bias"] = (d,)
-    shapes["head.out.weight"] = (c, d)
-    shapes["head.out.bias"] = (c,)
-    return shapes
+    return manifest.kind.head_shapes(manifest.backbone.hidden_size, manifest.labels, manifest.head)
 
 
 def expected_shapes(manifest: Manifest) -> dict[str, Shape]:
@@ -65,23 +58,9 @@ def adapter_parameter_count(hidden: int, bottleneck: int) -> int:
 
 def label_problem(manifest: Manifest) -> str | None:
     """Why the label list does not fit the head type, or None when it does."""
-    labels, head = manifest.labels, manifest.head_type
+    labels = manifest.labels
     if len(set(labels)) != len(labels):
         return "label names must be unique"
     if any(not isinstance(x, str) or not x.strip() for x in labels):
         return "label names must be non-empty strings"
-    if head is HeadType.CLASSIFICATION and len(labels) < 2:
-        return "a classification head needs at least 2 labels"
-    if head is HeadType.MULTILABEL and len(labels) < 1:
-        return "a multilabel head needs at least 1 label"
-    if head is HeadType.REGRESSION and len(labels) > 1:
-        return "a regression head has one output; give at most 1 label (its name)"
-    if head is HeadType.QA and labels:
-        return "a qa head has no labels"
-    if head is HeadType.TOKEN_CLASSIFICATION:
-        if "O" not in labels:
-            return "token-classification labels are BIO tags and must include 'O'"
-        bad = [x for x in labels if x != "O" and not (x[:2] in ("B-", "I-") and len(x) > 2)]
-        if bad:
-            return f"token-classification labels must be 'O', 'B-<type>' or 'I-<type>'; got {bad[:3]}"
-    return None
+    return manifest.kind.label_problem(labels)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.errors import InvalidTaskName
+from service.kinds import HeadConfig, HeadType, TaskKind, head_type_of, kind_of
+
+__all__ = ["Activation", "AdapterConfig", "BackboneRef", "HeadConfig", "HeadType", "Manifest", "Placement",
+           "check_task_name"]
 
 FORMAT_VERSION = 1
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -22,19 +26,6 @@ def check_task_name(task: str) -> str:
             f"invalid task name {task!r}: use 1-64 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
         )
     return task
-
-
-class HeadType(str, Enum):
-    CLASSIFICATION = "classification"
-    MULTILABEL = "multilabel"
-    REGRESSION = "regression"
-    TOKEN_CLASSIFICATION = "token-classification"
-    QA = "qa"
-
-    @property
-    def is_sequence_level(self) -> bool:
-        """One prediction per input row (pooled), as opposed to one per token."""
-        return self in (HeadType.CLASSIFICATION, HeadType.MULTILABEL, HeadType.REGRESSION)
 
 
 class Placement(str, Enum):
@@ -67,17 +58,6 @@ class AdapterConfig(BaseModel):
         return INSERTION_POINTS if self.placement is Placement.HOULSBY else ("ffn",)
 
 
-class HeadConfig(BaseModel):
-    """Head hyper-parameters that change its shape or its post-processing."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pooling: Literal["mean", "cls"] = Field("mean", description="sequence-level heads: how tokens are pooled")
-    hidden_layer: bool = Field(True, description="sequence-level heads: a d->d tanh layer before the output")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="multilabel: a label is on when sigmoid >= this")
-    max_answer_tokens: int = Field(30, ge=1, le=512, description="qa: longest answer span, in tokens")
-
-
 class BackboneRef(BaseModel):
     """Which backbone a bundle was trained on; loading checks it against the running one."""
 
@@ -97,7 +77,9 @@ class Manifest(BaseModel):
 
     format_version: int = FORMAT_VERSION
     task: str
-    head_type: HeadType
+    head_type: Annotated[str, AfterValidator(head_type_of)] = Field(
+        description="the task's kind: classification, multilabel, regression, token-classification, qa (a "
+        "HeadType), or the name of a kind registered with service.kinds.register_kind")
     labels: list[str] = Field(default_factory=list)
     head: HeadConfig = Field(default_factory=HeadConfig)
     adapter: AdapterConfig | None = Field(None, description="None: a head on the plain backbone (no adapter)")
@@ -107,10 +89,11 @@ class Manifest(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def kind(self) -> TaskKind:
+        """What the head type means (inputs, head, labels, training, scoring)."""
+        return kind_of(self.head_type)
+
     def output_size(self) -> int:
         """Width of the head's output layer implied by the head type and labels."""
-        if self.head_type is HeadType.REGRESSION:
-            return 1
-        if self.head_type is HeadType.QA:
-            return 2
-        return len(self.labels)
+        return self.kind.output_size(self.labels)

@@ -25,7 +25,8 @@ from service.bundles.codec import Bundle
 from service.bundles.layout import expected_shapes
 from service.bundles.manifest import Manifest
 from service.errors import CacheFull
-from service.modeling.heads import TaskHead, build_head
+from service.kinds.heads import TaskHead
+from service.modeling.heads import build_head
 from service.modeling.slot_pool import SlotPool
 
 Key = tuple[str, int]

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from service.bundles.codec import Bundle, decode_bundle
-from service.bundles.manifest import AdapterConfig, HeadType, Manifest
+from service.bundles.manifest import AdapterConfig, Manifest
 from service.bundles.store import AdapterStore
 from service.errors import BundleInvalid, ConfigurationError, InvalidInput, ServiceError
+from service.kinds.heads import SequenceHead, TaskHead, pool_tokens
 from service.modeling.backbone import Backbone
 from service.modeling.batch_plan import BatchPlan, Segment, plan_batch
 from service.modeling.encoding import EncodedRow, Encoder
-from service.modeling.heads import SequenceHead, TaskHead, pool_tokens
 from service.modeling.packed import Packing, packed_forward
 from service.modeling.slot_pool import NO_ADAPTER, Strategy, install_slot_pool
 from service.runtime.cache import AdapterCache, CacheEntry
@@ -151,10 +151,7 @@ class Engine:
         produces NaN/Inf, is refused while the store and the live tasks are untouched. Uses a negative
         version, which no stored version can ever have, and drops it afterwards."""
         task, version = bundle.manifest.task, -next(self._smoke_ids)
-        if bundle.manifest.head_type is HeadType.QA:
-            rows = self.encoder.encode(["what is this?"], ["this is a smoke test."], qa=True)
-        else:
-            rows = self.encoder.encode(["this is a smoke test."])
+        rows = self.encode(bundle.manifest, *bundle.manifest.kind.smoke_inputs())
         entry = self.cache.acquire(task, version, bundle)
         try:
             (result,) = self.run([RowRequest(task, version, rows[0])], keep_logits=True)
@@ -175,7 +172,7 @@ class Engine:
     def check_cache_budget(self, manifests: Sequence[Manifest]) -> None:
         """Refuse (at start-up) a cache that could not hold one of the stored tasks, or, with none stored, one
         default adapter (Houlsby, m = 64, two labels) on this backbone: such a service could answer nothing."""
-        default = Manifest(task="default", head_type=HeadType.CLASSIFICATION, labels=["a", "b"],
+        default = Manifest(task="default", head_type="classification", labels=["a", "b"],
                            adapter=AdapterConfig(), backbone=self.backbone.ref)
         need, what = max(((self.cache.footprint(m), f"task '{m.task}'") for m in manifests),
                          default=(self.cache.footprint(default), "one default adapter (Houlsby, m = 64)"))
@@ -192,15 +189,14 @@ class Engine:
     # --- encoding ----------------------------------------------------------------------------------
 
     def encode(self, manifest: Manifest | None, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[EncodedRow]:
-        """Tokenise inputs the way `manifest`'s head expects them (QA: `texts` are questions, `pairs` contexts)."""
+        """Tokenise inputs the way `manifest`'s kind expects them (QA: `texts` are questions, `pairs` contexts)."""
         if manifest is None:
             return self.encoder.encode(texts, pairs)
-        qa = manifest.head_type is HeadType.QA
-        if qa and pairs is None:
-            raise InvalidInput("a qa task needs a question and a context for every input")
-        if manifest.head_type is HeadType.TOKEN_CLASSIFICATION and pairs is not None:
-            raise InvalidInput("a token-classification task takes single texts, not text pairs")
-        return self.encoder.encode(texts, pairs, max_length=manifest.max_length, qa=qa)
+        kind = manifest.kind
+        problem = kind.encode_problem(pairs is not None)
+        if problem:
+            raise InvalidInput(problem)
+        return self.encoder.encode(texts, pairs, max_length=manifest.max_length, qa=kind.question_answering)
 
     # --- the batch ---------------------------------------------------------------------------------
 

@@ -14,9 +14,8 @@ from typing import Any, overload
 
 import torch
 
-from service.bundles.manifest import HeadType
+from service.kinds import kind_of
 from service.modeling.encoding import EncodedRow, Encoder
-from service.modeling.heads import IGNORE_INDEX
 
 MEGA_BATCHES = 50
 
@@ -40,31 +39,22 @@ def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate_targets(head: HeadType, targets: Sequence[Any], width: int) -> torch.Tensor:
-    """Targets of one batch as the head's `loss` expects them (token targets padded with IGNORE_INDEX)."""
-    if head is HeadType.CLASSIFICATION:
-        return torch.tensor(targets, dtype=torch.long)
-    if head in (HeadType.MULTILABEL, HeadType.REGRESSION):
-        return torch.tensor(targets, dtype=torch.float32)
-    if head is HeadType.QA:
-        return torch.tensor(targets, dtype=torch.long).reshape(-1, 2)
-    out = torch.full((len(targets), width), IGNORE_INDEX, dtype=torch.long)
-    for i, t in enumerate(targets):
-        out[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-    return out
+def collate_targets(head: str, targets: Sequence[Any], width: int) -> torch.Tensor:
+    """Targets of one batch as the head's `loss` expects them (token targets padded to `width`)."""
+    return kind_of(head).collate(targets, width)
 
 
 @overload
-def make_batch(encoder: Encoder, head: HeadType, rows: Sequence[EncodedRow], targets: Sequence[Any],
+def make_batch(encoder: Encoder, head: str, rows: Sequence[EncodedRow], targets: Sequence[Any],
                device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
 
 
 @overload
-def make_batch(encoder: Encoder, head: HeadType, rows: Sequence[EncodedRow], targets: None,
+def make_batch(encoder: Encoder, head: str, rows: Sequence[EncodedRow], targets: None,
                device: torch.device) -> tuple[dict[str, torch.Tensor], None]: ...
 
 
-def make_batch(encoder: Encoder, head: HeadType, rows: Sequence[EncodedRow], targets: Sequence[Any] | None,
+def make_batch(encoder: Encoder, head: str, rows: Sequence[EncodedRow], targets: Sequence[Any] | None,
                device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Padded inputs (+ targets) on `device`."""
     batch = encoder.collate(rows, device)

@@ -174,15 +174,17 @@ def train_command(
 ):
     """Train a task's adapter (or a baseline) on a data file and write its bundle."""
     from service.errors import ServiceError
+    from service.kinds import kind_of
+    from service.kinds.qa import qa_examples
     from service.training.data import load_examples, reader_options, sha256_file
     from service.training.features import parse_label_map
-    from service.training.readers import qa_examples, split_by_article, split_holdout
+    from service.training.readers import split_by_article, split_holdout
     from service.training.trainer import TrainConfig
     from service.training.trainer import train as run_training
 
     if mode is not Mode.FULL and out is None and store is None:
         raise _fail("give --out and/or --store (where the bundle goes)")
-    if eval_articles is not None and (head is not HeadType.QA or eval_file is not None):
+    if eval_articles is not None and (not kind_of(head).question_answering or eval_file is not None):
         raise _fail("--eval-articles splits a qa training file; it needs --head qa and no --eval")
     if holdout is not None and (eval_file is not None or eval_articles is not None):
         raise _fail("--holdout makes the eval split from --train; give no --eval or --eval-articles with it")

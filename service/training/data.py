@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from service.bundles.manifest import HeadType, Manifest
+from service.bundles.manifest import Manifest
+from service.kinds.qa import qa_examples
 from service.training.features import apply_label_map, parse_label_map
 from service.training.readers import (
     Example,
     TableColumns,
-    qa_examples,
     read_dataset,
     split_by_article,
     split_holdout,
@@ -40,7 +40,7 @@ def reader_options(**given: Any) -> dict[str, Any]:
     return {k: (given[k] if given.get(k) is not None else v) for k, v in READER_DEFAULTS.items()}
 
 
-def load_examples(path: Path | str, head: HeadType, opts: dict[str, Any]) -> list[Example]:
+def load_examples(path: Path | str, head: str, opts: dict[str, Any]) -> list[Example]:
     """Examples of `path` read with `opts` (see READER_DEFAULTS), label map applied."""
     columns = TableColumns(opts["text_column"], opts["pair_column"], opts["label_column"], opts["header"],
                            opts["label_sep"])

@@ -11,12 +11,16 @@ import csv
 import json
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypedDict, cast, overload
+from typing import Any, Literal, TypedDict, overload
 
-from service.bundles.manifest import HeadType
 from service.errors import ServiceError
+from service.kinds import kind_of
+from service.kinds.examples import Example, QAExample, TextExample, TokenExample
+
+__all__ = ["DatasetError", "Example", "QAExample", "TableColumns", "TextExample", "TokenExample", "read_conll",
+           "read_dataset", "read_squad", "read_table", "split_by_article", "split_holdout"]
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "#1 String", "premise")
 PAIR_COLUMNS = ("text_pair", "sentence2", "#2 String", "hypothesis")
@@ -31,100 +35,6 @@ class DatasetError(ServiceError):
         super().__init__(f"{where}: {message}")
         self.path = str(path)
         self.line = line
-
-
-@dataclass(frozen=True)
-class TextExample:
-    """One row for a sequence-level head: a text, an optional second text, and its target."""
-
-    text: str
-    pair: str | None = None
-    label: str | None = None  # classification
-    labels: tuple[str, ...] | None = None  # multilabel
-    score: float | None = None  # regression
-    line: int = 0
-
-
-@dataclass(frozen=True)
-class TokenExample:
-    """One sentence for token classification: words and their BIO tags."""
-
-    tokens: tuple[str, ...]
-    tags: tuple[str, ...]
-    line: int = 0
-
-    @property
-    def text(self) -> str:
-        """What is sent to the service: the words joined by single spaces."""
-        return " ".join(self.tokens)
-
-
-@dataclass(frozen=True)
-class QAExample:
-    """One extractive question. `answers` are (text, char start) pairs; any of them counts as right."""
-
-    id: str
-    title: str
-    question: str
-    context: str
-    answers: tuple[tuple[str, int], ...] = field(default_factory=tuple)
-
-
-Example = TextExample | TokenExample | QAExample
-
-
-# `read_dataset(path, head)` makes one kind of example per head: QAExample for qa, TokenExample for token
-# classification, else TextExample with the head's target set (`label`, `labels` or `score`). Code that
-# takes `Sequence[Example]` and branches on the head sees them through the views below: casts, because the
-# head, not the type, says which kind they are (nothing is checked or copied).
-
-
-class ClassificationExample(Protocol):
-    """A TextExample read for a classification head: `label` is set."""
-
-    @property
-    def label(self) -> str: ...
-
-
-class MultiLabelExample(Protocol):
-    """A TextExample read for a multilabel head: `labels` is set."""
-
-    @property
-    def labels(self) -> tuple[str, ...]: ...
-
-
-class RegressionExample(Protocol):
-    """A TextExample read for a regression head: `score` is set."""
-
-    @property
-    def score(self) -> float: ...
-
-
-def text_examples(examples: Sequence[Example]) -> Sequence[TextExample]:
-    """The examples of a sequence-level head (classification, multilabel, regression)."""
-    return cast("Sequence[TextExample]", examples)
-
-
-def classification_examples(examples: Sequence[Example]) -> Sequence[ClassificationExample]:
-    return cast("Sequence[ClassificationExample]", examples)
-
-
-def multilabel_examples(examples: Sequence[Example]) -> Sequence[MultiLabelExample]:
-    return cast("Sequence[MultiLabelExample]", examples)
-
-
-def regression_examples(examples: Sequence[Example]) -> Sequence[RegressionExample]:
-    return cast("Sequence[RegressionExample]", examples)
-
-
-def token_examples(examples: Sequence[Example]) -> Sequence[TokenExample]:
-    """The examples of a token-classification head."""
-    return cast("Sequence[TokenExample]", examples)
-
-
-def qa_examples(examples: Sequence[Example]) -> Sequence[QAExample]:
-    """The examples of a qa head."""
-    return cast("Sequence[QAExample]", examples)
 
 
 @dataclass(frozen=True)
@@ -145,8 +55,9 @@ class TableColumns:
 FORMATS = ("auto", "tsv", "csv", "jsonl", "conll", "squad")
 
 
-def detect_format(path: Path, head: HeadType) -> str:
-    """The reader a file needs, from its suffix (and the head for `.json`/`.txt`)."""
+def detect_format(path: Path, head: str) -> str:
+    """The reader a file needs, from its suffix (and the head's kind for `.json`/`.txt`)."""
+    formats = kind_of(head).dataset_formats
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".tab"):
         return "tsv"
@@ -155,30 +66,33 @@ def detect_format(path: Path, head: HeadType) -> str:
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix == ".json":
-        return "squad" if head is HeadType.QA else "jsonl"
-    if suffix in (".conll", ".txt", ".bio", ".iob") or head is HeadType.TOKEN_CLASSIFICATION:
+        return "squad" if "squad" in formats else "jsonl"
+    if suffix in (".conll", ".txt", ".bio", ".iob") or "conll" in formats:
         return "conll"
     raise DatasetError(path, None, f"cannot tell the format from the suffix '{suffix}'; pass --format")
 
 
+FORMAT_NAMES = {"squad": "SQuAD JSON", "conll": "CoNLL files", "tsv": "TSV", "csv": "CSV", "jsonl": "JSONL"}
+
+
 def read_dataset(
-    path: Path | str, head: HeadType, columns: TableColumns | None = None, fmt: str = "auto",
+    path: Path | str, head: str, columns: TableColumns | None = None, fmt: str = "auto",
 ) -> list[Example]:
-    """Read `path` into examples for `head` (the reader follows the format; the head decides the target)."""
+    """Read `path` into examples for `head` (the reader follows the format; the head's kind says which
+    formats it reads and makes each table row's target)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(path, None, "no such file")
+    kind = kind_of(head)
     fmt = detect_format(path, head) if fmt == "auto" else fmt
-    if head is HeadType.QA:
-        if fmt != "squad":
-            raise DatasetError(path, None, f"a qa head reads SQuAD JSON, not {fmt}")
+    if fmt not in kind.dataset_formats:
+        names = [FORMAT_NAMES[f] for f in kind.dataset_formats]
+        readable = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise DatasetError(path, None, f"a {kind.name} head reads {readable}, not {fmt}")
+    if fmt == "squad":
         return list(read_squad(path))
-    if head is HeadType.TOKEN_CLASSIFICATION:
-        if fmt != "conll":
-            raise DatasetError(path, None, f"a token-classification head reads CoNLL files, not {fmt}")
+    if fmt == "conll":
         return list(read_conll(path))
-    if fmt not in ("tsv", "csv", "jsonl"):
-        raise DatasetError(path, None, f"a {head.value} head reads TSV, CSV or JSONL, not {fmt}")
     examples: list[Example] = list(read_table(path, head, columns or TableColumns(), fmt))
     if not examples:
         raise DatasetError(path, None, "no examples in file")
@@ -271,8 +185,8 @@ def _cell(path: Path, n: int, cells: list[str], idx: int, role: str) -> str:
     return cells[idx]
 
 
-def read_table(path: Path, head: HeadType, columns: TableColumns, fmt: str) -> Iterator[TextExample]:
-    """TSV/CSV/JSONL rows -> TextExample. The target column holds a label, labels or a score by head."""
+def read_table(path: Path, head: str, columns: TableColumns, fmt: str) -> Iterator[Example]:
+    """TSV/CSV/JSONL rows -> examples. The target column holds a label, labels or a score by head."""
     width: int | None = None
     idx: _Columns | None = None
     for n, rec, names in _records(path, fmt, columns.header and fmt != "jsonl"):
@@ -307,34 +221,16 @@ def _json_field(path: Path, n: int, obj: dict[str, Any], spec: str | None, defau
     return None
 
 
-def _text_example(path: Path, n: int, head: HeadType, text, pair, target, sep: str) -> TextExample:
+def _text_example(path: Path, n: int, head: str, text, pair, target, sep: str) -> Example:
     if not isinstance(text, str) or not text.strip():
         raise DatasetError(path, n, "empty text")
     if pair is not None and (not isinstance(pair, str) or not pair.strip()):
         raise DatasetError(path, n, "empty second text")
     text, pair = text.strip(), pair.strip() if pair is not None else None
-    if head is HeadType.REGRESSION:
-        try:
-            score = float(target)
-        except (TypeError, ValueError):
-            raise DatasetError(path, n, f"score {target!r} is not a number") from None
-        if score != score or score in (float("inf"), float("-inf")):
-            raise DatasetError(path, n, f"score {target!r} is not finite")
-        return TextExample(text, pair, score=score, line=n)
-    if head is HeadType.MULTILABEL:
-        if isinstance(target, list):
-            labels = tuple(str(x).strip() for x in target)
-        elif isinstance(target, str):
-            labels = tuple(x.strip() for x in target.split(sep) if x.strip())
-        else:
-            raise DatasetError(path, n, f"labels {target!r} must be a list or a '{sep}'-separated string")
-        if any(not x for x in labels):
-            raise DatasetError(path, n, "empty label name")
-        return TextExample(text, pair, labels=labels, line=n)
-    label = str(target).strip() if isinstance(target, (str, int)) and not isinstance(target, bool) else None
-    if not label:
-        raise DatasetError(path, n, f"label {target!r} is empty or not a string/integer")
-    return TextExample(text, pair, label=label, line=n)
+    try:
+        return kind_of(head).example_from_record(text, pair, target, label_sep=sep, line=n)
+    except ValueError as exc:
+        raise DatasetError(path, n, str(exc)) from None
 
 
 # --- CoNLL ---------------------------------------------------------------------------------------

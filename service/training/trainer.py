@@ -23,16 +23,18 @@ import torch
 from torch import nn
 
 from service.bundles.codec import encode_bundle
-from service.bundles.manifest import Activation, AdapterConfig, HeadConfig, HeadType, Manifest, Placement
+from service.bundles.manifest import Activation, AdapterConfig, HeadConfig, Manifest, Placement
+from service.kinds import head_type_of, kind_of
+from service.kinds.heads import TaskHead
 from service.modeling.backbone import Backbone, load_backbone
 from service.modeling.bottleneck import adapter_tensors, attach_adapters
 from service.modeling.encoding import EncodedRow, Encoder
-from service.modeling.heads import TaskHead, build_head, head_tensors
+from service.modeling.heads import build_head, head_tensors
 from service.settings import DEFAULT_BACKBONE
 from service.training.batching import grouped_batches, make_batch, sorted_batches
 from service.training.features import build_features, encode_inputs, infer_labels
 from service.training.readers import Example
-from service.training.scoring import DEFAULT_METRIC, METRICS, is_better, score
+from service.training.scoring import is_better, score
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class TrainConfig:
     """Everything that defines a training run (recorded in the bundle's manifest)."""
 
     task: str
-    head: HeadType
+    head: str  # a HeadType (or a registered kind's name)
     mode: str = "adapter"
     backbone: str = DEFAULT_BACKBONE
     placement: Placement = Placement.HOULSBY
@@ -69,21 +71,22 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
-    metric: str | None = None  # chooses the best epoch; None: DEFAULT_METRIC[head]
+    metric: str | None = None  # chooses the best epoch; None: the kind's default metric
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.head = HeadType(self.head)
+        self.head = head_type_of(self.head)
+        kind = kind_of(self.head)
         self.placement, self.activation = Placement(self.placement), Activation(self.activation)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.mode]
         if self.metric is None:
-            self.metric = DEFAULT_METRIC[self.head]
-        if self.metric not in METRICS[self.head]:
-            raise ValueError(f"metric {self.metric!r} does not fit a {self.head.value} head; "
-                             f"choose from {list(METRICS[self.head])}")
+            self.metric = kind.default_metric
+        if self.metric not in kind.metrics:
+            raise ValueError(f"metric {self.metric!r} does not fit a {kind.name} head; "
+                             f"choose from {list(kind.metrics)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be at least 1")
 
@@ -99,7 +102,8 @@ class TrainConfig:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for k in ("head", "placement", "activation"):
+        out["head"] = kind_of(self.head).name
+        for k in ("placement", "activation"):
             out[k] = getattr(self, k).value
         out.pop("progress")
         return out

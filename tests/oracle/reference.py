@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from service.bundles.layout import adapter_key
-from service.bundles.manifest import Activation, HeadType, Manifest
+from service.bundles.manifest import Activation, Manifest
 from service.modeling.backbone import ARCHITECTURES
 
 
@@ -131,7 +131,7 @@ class Oracle:
         if manifest is None:
             return H.mean(0)
         Wo, bo = tensors["head.out.weight"].float(), tensors["head.out.bias"].float()
-        if manifest.head_type in (HeadType.TOKEN_CLASSIFICATION, HeadType.QA):
+        if not manifest.kind.sequence_level:
             return H @ Wo.T + bo  # [T, C]
         v = H[0] if manifest.head.pooling == "cls" else H.mean(0)
         if manifest.head.hidden_layer:

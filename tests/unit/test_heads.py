@@ -6,16 +6,13 @@ import pytest
 import torch
 
 from service.bundles.manifest import BackboneRef, HeadConfig, HeadType
+from service.kinds.classification import ClassificationHead
+from service.kinds.multilabel import MultiLabelHead
+from service.kinds.qa import QuestionAnsweringHead
+from service.kinds.regression import RegressionHead
+from service.kinds.token_classification import TokenClassificationHead
 from service.modeling.encoding import EncodedRow
-from service.modeling.heads import (
-    ClassificationHead,
-    MultiLabelHead,
-    QuestionAnsweringHead,
-    RegressionHead,
-    TokenClassificationHead,
-    build_head,
-    head_tensors,
-)
+from service.modeling.heads import build_head, head_tensors
 from tests.conftest import LABELS, make_manifest
 
 REF = BackboneRef(id="t", fingerprint="0" * 64, model_type="bert", hidden_size=8, num_layers=1)

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from service.bundles.manifest import HeadType
+from service.kinds.heads import IGNORE_INDEX
 from service.modeling.encoding import Encoder
-from service.modeling.heads import IGNORE_INDEX
 from service.settings import DEFAULT_BACKBONE
 from service.training.batching import collate_targets, grouped_batches, sorted_batches
 from service.training.features import (

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from service.bundles.manifest import HeadType
-from service.training import metrics as M
+from service.kinds import metrics as M
 from service.training.readers import QAExample, TextExample, TokenExample
 from service.training.scoring import entity_token_spans, is_better, score
 

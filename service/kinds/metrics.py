@@ -13,7 +13,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Hashable, Iterable, Sequence, Sized
 
 import numpy as np
 
@@ -23,7 +23,7 @@ Span = tuple[str, int, int]  # (entity type, first token, last token + 1)
 # --- classification ------------------------------------------------------------------------------
 
 
-def accuracy(gold: Sequence, pred: Sequence) -> float:
+def accuracy(gold: Sequence[Hashable], pred: Sequence[Hashable]) -> float:
     _same_length(gold, pred)
     return sum(g == p for g, p in zip(gold, pred)) / len(gold) if gold else 0.0
 
@@ -32,7 +32,7 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
-def macro_f1(gold: Sequence, pred: Sequence) -> float:
+def macro_f1(gold: Sequence[Hashable], pred: Sequence[Hashable]) -> float:
     """Unweighted mean of per-label F1 over every label that occurs in `gold` or `pred`."""
     _same_length(gold, pred)
     labels = set(gold) | set(pred)
@@ -47,7 +47,7 @@ def macro_f1(gold: Sequence, pred: Sequence) -> float:
     return sum(scores) / len(scores)
 
 
-def matthews_corrcoef(gold: Sequence, pred: Sequence) -> float:
+def matthews_corrcoef(gold: Sequence[Hashable], pred: Sequence[Hashable]) -> float:
     """(c*s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2)(s^2 - sum_k t_k^2)); 0 when undefined."""
     _same_length(gold, pred)
     s = len(gold)
@@ -133,7 +133,7 @@ def bio_spans(tags: Sequence[str]) -> list[Span]:
 def entity_scores(gold: Sequence[Iterable[Span]], pred: Sequence[Iterable[Span]]) -> dict[str, float]:
     """Micro precision/recall/F1 over exact (type, start, end) matches, per sentence; plus F1 per type."""
     _same_length(gold, pred)
-    counts: dict[str, Counter] = {}
+    counts: dict[str, Counter[str]] = {}
     for g, p in zip(gold, pred):
         g, p = set(g), set(p)
         for span in g | p:
