@@ -55,6 +55,33 @@ class RowRequest:
         return None if self.task is None else (self.task, self.version)
 
 
+@dataclass(frozen=True)
+class PlannedBatch:
+    """What one forward computes: the rows sorted by slot (`plan.order`), so that each task version's rows
+    form one contiguous segment (`plan.segments`), and each segment's head (None: the plain backbone)."""
+
+    rows: list[EncodedRow]  # in plan order
+    positions: list[int]  # positions[k]: index, in the caller's request list, of the k-th planned row
+    plan: BatchPlan
+    heads: list[TaskHead | None]  # one per segment
+
+    @classmethod
+    def of(cls, requests: Sequence[RowRequest], live: Sequence[int], entries: Pinned) -> PlannedBatch:
+        """Plan the `live` rows of `requests` with their pinned cache `entries`."""
+        pinned = [entries[(requests[i].task, requests[i].version)] if requests[i].task is not None else None
+                  for i in live]
+        plan = plan_batch([e.slot if e is not None else NO_ADAPTER for e in pinned])
+        heads: list[TaskHead | None] = []
+        for seg in plan.segments:
+            entry = pinned[plan.order[seg.start]]
+            heads.append(entry.head if entry is not None else None)
+        return cls([requests[live[j]].row for j in plan.order], [live[j] for j in plan.order], plan, heads)
+
+    def row_heads(self) -> list[TaskHead | None]:
+        """The head of each planned row."""
+        return [head for seg, head in zip(self.plan.segments, self.heads) for _ in range(seg.stop - seg.start)]
+
+
 @dataclass
 class RowResult:
     prediction: dict[str, Any] | None = None
@@ -223,7 +250,10 @@ class Engine:
                 else:
                     live.append(i)
             if live:
-                self._forward(requests, live, entries, results, keep_logits)
+                batch = PlannedBatch.of(requests, live, entries)
+                with torch.inference_mode():
+                    for i, head, out in zip(batch.positions, batch.row_heads(), self._forward(batch)):
+                        self._finish(requests[i], head, out, results[i], keep_logits)
         finally:
             for entry in entries.values():
                 self.cache.release(entry)
@@ -241,31 +271,24 @@ class Engine:
             return default_strategy(self.backbone.device, dtype=self.backbone.dtype)
         return self.strategy
 
-    def _forward(
-        self, requests: Sequence[RowRequest], live: list[int], entries: Pinned, results: list[RowResult],
-        keep_logits: bool,
-    ) -> None:
-        slot_of = [entries[(requests[i].task, requests[i].version)].slot if requests[i].task else NO_ADAPTER
-                   for i in live]
-        plan = plan_batch(slot_of)
-        rows = [requests[live[j]].row for j in plan.order]
-        with torch.inference_mode():
-            pool_rows, token_rows = (self._packed_hidden if self.packed else self._padded_hidden)(plan, rows)
-            pooled: dict[str, torch.Tensor] = {}  # pooling -> [B, d], computed once for all sequence heads
-            for seg in plan.segments:
-                req = requests[live[plan.order[seg.start]]]
-                head = entries[(req.task, req.version)].head if req.task is not None else None
-                if head is None or isinstance(head, SequenceHead):
-                    kind = "mean" if head is None else head.config.pooling
-                    if kind not in pooled:
-                        pooled[kind] = pool_rows(kind)
-                    x = pooled[kind][seg.start : seg.stop]
-                    outs = list((x if head is None else head.from_pooled(x)).float().cpu())
-                else:
-                    outs = token_rows(head, seg)
-                for k, out in enumerate(outs):
-                    i = live[plan.order[seg.start + k]]
-                    self._finish(requests[i], out, results[i], keep_logits, entries)
+    def _forward(self, batch: PlannedBatch) -> list[torch.Tensor]:
+        """One routed backbone forward over the planned rows and each segment through its head: the outputs
+        (logits, or the pooled hidden state where the head is None) of each planned row, in plan order. The
+        caller runs it under `torch.inference_mode()`."""
+        plan = batch.plan
+        pool_rows, token_rows = (self._packed_hidden if self.packed else self._padded_hidden)(plan, batch.rows)
+        pooled: dict[str, torch.Tensor] = {}  # pooling -> [B, d], computed once for all sequence heads
+        outs: list[torch.Tensor] = []
+        for seg, head in zip(plan.segments, batch.heads):
+            if head is None or isinstance(head, SequenceHead):
+                kind = "mean" if head is None else head.config.pooling
+                if kind not in pooled:
+                    pooled[kind] = pool_rows(kind)
+                x = pooled[kind][seg.start : seg.stop]
+                outs.extend((x if head is None else head.from_pooled(x)).float().cpu())
+            else:
+                outs.extend(token_rows(head, seg))
+        return outs
 
     def _padded_hidden(self, plan: BatchPlan, rows: list[EncodedRow]) -> tuple[PoolRows, TokenRows]:
         """The routed forward over rows padded to the longest: (pool(kind) -> [B, d], token logits per row)."""
@@ -302,16 +325,15 @@ class Engine:
         return (lambda kind: packing.pool(hidden, kind)), token_rows
 
     @staticmethod
-    def _finish(
-        req: RowRequest, out: torch.Tensor, result: RowResult, keep_logits: bool, entries: Pinned,
-    ) -> None:
+    def _finish(req: RowRequest, head: TaskHead | None, out: torch.Tensor, result: RowResult, keep_logits: bool,
+                ) -> None:
         if out.dim() == 2:  # token-level logits [T, C]: keep the row's own tokens, drop the batch padding
             out = out[: len(req.row)]
         try:
-            if req.task is None:
+            if head is None:
                 pred: dict[str, Any] = {"embedding": F.normalize(out, dim=-1).tolist()}
             else:
-                pred = entries[(req.task, req.version)].head.postprocess(out, req.row)
+                pred = head.postprocess(out, req.row)
             if req.row.truncated:
                 pred["truncated"] = True
             result.prediction = pred
