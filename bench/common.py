@@ -47,6 +47,27 @@ def random_task_store(root: Path, backbone_ref, n: int, bottleneck: int = 64, pl
     return names
 
 
+def random_lora_tasks(root: Path, backbone_ref, n: int, rank: int = 8, targets: tuple[str, ...] = ("query", "value"),
+                      ) -> list[str]:
+    """`n` classification tasks with random LoRA (as imported from PEFT: r = `rank` on `targets`) + heads,
+    named lora00.., added to the local store at `root`. Returns the task names."""
+    from service.bundles.codec import encode_bundle
+    from service.bundles.manifest import HeadConfig, HeadType, LoraConfig, Manifest
+    from service.bundles.store import LocalAdapterStore
+    from tests.synthetic import random_tensors
+
+    store = LocalAdapterStore(root)
+    names = [f"lora{i:02d}" for i in range(n)]
+    for i, name in enumerate(names):
+        if name in store.list_tasks():
+            continue
+        manifest = Manifest(task=name, head_type=HeadType.CLASSIFICATION, labels=["negative", "positive"],
+                            head=HeadConfig(pooling="cls"), adapter=None, backbone=backbone_ref,
+                            lora=LoraConfig(rank=rank, scaling=2.0, targets=targets))
+        store.put(name, encode_bundle(manifest, random_tensors(manifest, seed=100 + i)))
+    return names
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default), as the peer's load generator computes it."""
     s = sorted(values)

@@ -10,7 +10,9 @@ padded and packed: `backbone_only` (no adapter, mean-pooled embeddings) and `mix
 the 16 tasks), plus `single_task` in float32 padded; ONNX Runtime (bench extra `onnxruntime`) on the
 plain backbone exported from the same weights (float32, and int8 by its `quantize_dynamic`), same batches,
 same threads, padded as ORT users run it. `auto_mixed` is the mode the service's `auto` picks on this
-machine (precision by `service.modeling.precision`, packed).
+machine (precision by `service.modeling.precision`, packed). `mixed_lora`: the same draw over 16 tasks of
+which `--lora-tasks` (8) carry LoRA (r = 8 on query + value, as imported from PEFT) and the rest bottleneck
+adapters, reported against the same engine's backbone-only.
 
 Modes run interleaved per batch in a rotating order; seq/s is the median over passes, each ratio the
 median of the per-pass ratios against `float32_padded_backbone_only` (today's service baseline) in the
@@ -35,7 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import machine, median, peer_sentences_module, percentile, random_task_store
+from bench.common import (
+    machine,
+    median,
+    peer_sentences_module,
+    percentile,
+    random_lora_tasks,
+    random_task_store,
+)
 from service.bundles.store import LocalAdapterStore
 from service.host_memory import keep_freed_memory
 from service.modeling.backbone import load_backbone, pick_device, resolve_backbone_path
@@ -108,6 +117,9 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=7)
     ap.add_argument("--bottleneck", type=int, default=64)
     ap.add_argument("--placement", default="houlsby")
+    ap.add_argument("--lora-tasks", type=int, default=8,
+                    help="`*_mixed_lora` modes: this many of the --tasks are LoRA tasks (r = 8, query + value, as "
+                    "imported from PEFT) and the rest bottleneck tasks, drawn like the mixed modes' [0: no such modes]")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precisions", default=None,
                     help="comma-separated precisions to run [default: float32,bfloat16,int8 on CPU; "
@@ -140,6 +152,7 @@ def main() -> None:
         backbone = load_backbone(device=str(device), dtype=prec)
         if not names:
             names = random_task_store(root, backbone.ref, args.tasks, args.bottleneck, args.placement)
+            lora_names = random_lora_tasks(root, backbone.ref, args.lora_tasks) if args.lora_tasks else []
         for packing in ("off", "on"):
             engine = Engine(backbone if packing == "off" else load_backbone(device=str(device), dtype=prec),
                             LocalAdapterStore(root), cache_max_slots=max(64, args.tasks), packing=packing)
@@ -148,6 +161,8 @@ def main() -> None:
     sents = peer_sentences_module()
     texts = sents.make_sentences(args.sentences, seed=0)
     tasks = sents.draw_tasks(args.sentences, names, seed=1)
+    lora_mix = names[: args.tasks - len(lora_names)] + lora_names  # 16 tasks: bottleneck and LoRA
+    lora_tasks = sents.draw_tasks(args.sentences, lora_mix, seed=1) if lora_names else []
     base_engine = engines["float32_padded"]
     rows = base_engine.encode(store.get_info(names[0], 1).manifest, texts)
     batches = [list(range(i, min(i + args.batch, len(rows)))) for i in range(0, len(rows), args.batch)]
@@ -161,6 +176,8 @@ def main() -> None:
     for key, engine in engines.items():
         modes[f"{key}_backbone_only"] = lambda b, e=engine: engine_batch(e, batches[b], lambda i: None)
         modes[f"{key}_mixed"] = lambda b, e=engine: engine_batch(e, batches[b], lambda i: tasks[i])
+        if lora_names:
+            modes[f"{key}_mixed_lora"] = lambda b, e=engine: engine_batch(e, batches[b], lambda i: lora_tasks[i])
     modes["float32_padded_single_task"] = lambda b: engine_batch(base_engine, batches[b], lambda i: names[0])
     if args.ort and cpu:
         np_batches = []
@@ -224,6 +241,9 @@ def main() -> None:
         "auto_mixed_vs_baseline": ratios[f"{auto_key}_mixed"],
         "auto_mixed_vs_ort_int8": ratio(f"{auto_key}_mixed", "ort_int8_padded_backbone_only") if "ort_int8_padded_backbone_only" in modes else None,
         "auto_mixed_vs_auto_backbone_only": ratio(f"{auto_key}_mixed", f"{auto_key}_backbone_only"),
+        "lora_tasks": len(lora_names),
+        "mixed_lora_vs_same_mode_backbone_only": ({k: ratio(f"{k}_mixed_lora", f"{k}_backbone_only") for k in engines}
+                                                  if lora_names else None),
         "torch_threads": torch.get_num_threads(), "host_allocator_tuned": allocator_tuned,
         "adapter_time_share": adapter_share,
         "cold_load_ms": {"p50": round(percentile(loads, 50) * 1e3, 2), "p99": round(percentile(loads, 99) * 1e3, 2),
@@ -237,6 +257,9 @@ def main() -> None:
     print(f"auto mixed-{args.tasks} / float32 padded backbone-only: {report['auto_mixed_vs_baseline']:.3f}; "
           f"/ ORT int8: {report['auto_mixed_vs_ort_int8']}; / auto backbone-only: "
           f"{report['auto_mixed_vs_auto_backbone_only']:.3f}")
+    if lora_names:
+        print(f"mixed-{args.tasks} with {len(lora_names)} LoRA tasks (r = 8, query + value) / backbone-only, same "
+              f"precision and forward: {report['mixed_lora_vs_same_mode_backbone_only']}")
     print(f"torch threads {report['torch_threads']}, host allocator tuned: {allocator_tuned}")
     if adapter_share:
         print("share of the mixed forward's time in the adapters: "

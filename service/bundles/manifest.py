@@ -5,15 +5,15 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.errors import InvalidTaskName
 from service.kinds import HeadConfig, HeadType, TaskKind, head_type_of, kind_of
 
-__all__ = ["Activation", "AdapterConfig", "BackboneRef", "HeadConfig", "HeadType", "Manifest", "Placement",
-           "check_task_name"]
+__all__ = ["LORA_TARGETS", "Activation", "AdapterConfig", "BackboneRef", "HeadConfig", "HeadType", "LoraConfig",
+           "Manifest", "Placement", "check_task_name"]
 
 FORMAT_VERSION = 1
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -58,6 +58,30 @@ class AdapterConfig(BaseModel):
         return INSERTION_POINTS if self.placement is Placement.HOULSBY else ("ffn",)
 
 
+LORA_TARGETS: tuple[str, ...] = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+"""The linear projections of a layer LoRA can adapt, in forward order: attention query/key/value, attention
+output, feed-forward inner (d -> d_ff) and output (d_ff -> d)."""
+
+
+class LoraConfig(BaseModel):
+    """LoRA (Hu et al. 2021, arXiv:2106.09685) on the backbone's linear projections, as PEFT trains it: each
+    target projection computes `W x + b + scaling * (x @ A) @ B`, A [in, rank], B [rank, out]."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(ge=1, le=256)
+    scaling: float = Field(gt=0.0, description="lora_alpha / rank (lora_alpha / sqrt(rank) with rsLoRA)")
+    targets: tuple[Literal["query", "key", "value", "attn_out", "ffn_in", "ffn_out"], ...] = Field(
+        min_length=1, description="the adapted projections, in every layer")
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_in_order(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(targets)) != len(targets):
+            raise ValueError("targets must be unique")
+        return tuple(t for t in LORA_TARGETS if t in targets)
+
+
 class BackboneRef(BaseModel):
     """Which backbone a bundle was trained on; loading checks it against the running one."""
 
@@ -68,6 +92,8 @@ class BackboneRef(BaseModel):
     model_type: str
     hidden_size: int = Field(ge=1)
     num_layers: int = Field(ge=1)
+    intermediate_size: int | None = Field(None, ge=1, description="width of the feed-forward's inner layer "
+                                          "(LoRA on it needs it; bundles made before it was recorded omit it)")
 
 
 class Manifest(BaseModel):
@@ -82,12 +108,24 @@ class Manifest(BaseModel):
         "HeadType), or the name of a kind registered with service.kinds.register_kind")
     labels: list[str] = Field(default_factory=list)
     head: HeadConfig = Field(default_factory=HeadConfig)
-    adapter: AdapterConfig | None = Field(None, description="None: a head on the plain backbone (no adapter)")
+    adapter: AdapterConfig | None = Field(None, description="bottleneck adapters; None with no `lora` either: a "
+                                          "head on the plain backbone")
+    lora: LoraConfig | None = Field(None, description="LoRA on the backbone's projections instead of bottleneck "
+                                    "adapters (imported from PEFT)")
     backbone: BackboneRef
     max_length: int = Field(256, ge=8, description="tokens per row used in training")
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     metrics: dict[str, float] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_adapter_kind(self) -> Manifest:
+        if self.adapter is not None and self.lora is not None:
+            raise ValueError("a task has bottleneck adapters or LoRA, not both")
+        if (self.lora is not None and {"ffn_in", "ffn_out"} & set(self.lora.targets)
+                and self.backbone.intermediate_size is None):
+            raise ValueError("LoRA on the feed-forward projections needs backbone.intermediate_size")
+        return self
 
     @property
     def kind(self) -> TaskKind:

@@ -33,11 +33,20 @@ class ArchSpec:
     attn_norm: str  # LayerNorm applied to (attn_out + residual)
     ffn_out: str  # feed-forward output projection (Linear d_ff -> d)
     ffn_norm: str  # LayerNorm applied to (ffn_out + residual)
+    query: str = "attention.self.query"  # the attention's query / key / value projections (Linear d -> d)
+    key: str = "attention.self.key"
+    value: str = "attention.self.value"
+    ffn_in: str = "intermediate.dense"  # feed-forward inner projection (Linear d -> d_ff)
     packable: bool = False  # has the BERT layer layout `service.modeling.packed` runs padding-free
     positions_after_padding: bool = False  # RoBERTa family: position ids start at pad_token_id + 1
 
     def projection(self, point: str) -> str:
         return self.attn_out if point == "attn" else self.ffn_out
+
+    def lora_target(self, target: str) -> str:
+        """Path, inside a layer, of a LoRA target (`manifest.LORA_TARGETS`)."""
+        path: str = getattr(self, target)
+        return path
 
     def norm(self, point: str) -> str:
         return self.attn_norm if point == "attn" else self.ffn_norm
@@ -65,6 +74,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_norm="attention.LayerNorm",
         ffn_out="output.dense",
         ffn_norm="output.LayerNorm",
+        query="attention.attn.q",
+        key="attention.attn.k",
+        value="attention.attn.v",
     ),
     "distilbert": ArchSpec(
         layers="transformer.layer",
@@ -72,6 +84,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_norm="sa_layer_norm",
         ffn_out="ffn.lin2",
         ffn_norm="output_layer_norm",
+        query="attention.q_lin",
+        key="attention.k_lin",
+        value="attention.v_lin",
+        ffn_in="ffn.lin1",
     ),
 }
 
@@ -212,7 +228,9 @@ def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "auto", dtype: str
     max_pos = int(getattr(config, "max_position_embeddings", 512))
     if model_type in ("roberta", "xlm-roberta", "camembert"):
         max_pos -= 2  # positions start after the padding index
-    ref = BackboneRef(id=name, fingerprint=fp, model_type=model_type, hidden_size=hidden, num_layers=num_layers)
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None)
+    ref = BackboneRef(id=name, fingerprint=fp, model_type=model_type, hidden_size=hidden, num_layers=num_layers,
+                      intermediate_size=int(inner) if inner else None)
     log.info("backbone %s loaded: %s, %d layers, hidden %d, on %s in %s (%s), fingerprint %s",
              name, model_type, num_layers, hidden, dev, precision.mode, precision.reason, fp[:12])
     return Backbone(model, tokenizer, spec, ref, dev, precision,

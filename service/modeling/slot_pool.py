@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.bundles.layout import adapter_key
-from service.bundles.manifest import INSERTION_POINTS, Activation, AdapterConfig
+from service.bundles.manifest import INSERTION_POINTS, LORA_TARGETS, Activation, AdapterConfig, LoraConfig
 from service.modeling.backbone import ArchSpec, get_layers, get_submodule, set_submodule
 from service.modeling.batch_plan import Segment
 from service.modeling.bottleneck import ACTIVATIONS
+from service.modeling.lora import LoraPool, RoutedLinear
 
 Strategy = Literal["segment", "gather"]
 NO_ADAPTER = 0
@@ -101,6 +102,7 @@ class Routing:
     segment_tokens: torch.Tensor | None = None  # [k * L] long: token of each place of the [k, L] layout
     real_places: torch.Tensor | None = None  # [n] long: the places of [k * L] that hold a real token
     real_tokens: torch.Tensor | None = None  # [n] long: the token at each of those places
+    lora_slots: frozenset[int] = frozenset()  # the slots in this batch that hold LoRA tasks
 
     @property
     def any_adapter(self) -> bool:
@@ -122,6 +124,7 @@ class SlotPool:
     def __init__(
         self, num_layers: int, hidden: int, num_slots: int, *, device: torch.device, dtype: torch.dtype,
         base_norms: Sequence[tuple[torch.Tensor, torch.Tensor]], bottleneck_capacity: int = 64,
+        lora_dims: dict[str, tuple[int, int]] | None = None,
     ):
         if num_slots < 1:
             raise ValueError("the pool needs at least one slot besides the no-adapter slot")
@@ -147,6 +150,9 @@ class SlotPool:
         self.lock = SharedExclusiveLock()
         self._write_lock = threading.Lock()  # serialises slot writes
         self._local = threading.local()
+        # LoRA tasks' weights, beside each target projection (`service.modeling.lora`); same slots
+        self.lora = LoraPool(num_layers, lora_dims or {t: (hidden, hidden) for t in LORA_TARGETS}, self.num_slots,
+                             device=device, dtype=dtype)
 
     @staticmethod
     def point_index(layer: int, point: str) -> int:
@@ -172,6 +178,7 @@ class SlotPool:
                 with self.lock.exclusive():
                     self._grow(cfg.bottleneck)
             self._zero(slot)
+            self.lora.zero(slot)
             m = cfg.bottleneck
             keys = [(layer, point) for layer in range(self.num_layers) for point in cfg.points]
             idx = torch.tensor([self.point_index(layer, point) for layer, point in keys], device=self.device)
@@ -192,10 +199,22 @@ class SlotPool:
             self._views[slot] = self._slot_views(slot, spec)
             self.specs[slot] = spec
 
+    def write_lora(self, slot: int, cfg: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy one LoRA task's tensors (bundle layout names) into `slot`; its bottleneck weights are zero."""
+        if not 0 < slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range 1..{self.num_slots - 1}")
+        with self._write_lock:
+            if self.lora.needs_growth(cfg):
+                with self.lock.exclusive():
+                    self.lora.grow(cfg)
+            self._zero(slot)
+            self.lora.write(slot, cfg, tensors)
+
     def forget(self, slot: int) -> None:
-        """Mark `slot` free of any adapter (its stale weights are zeroed by the next `write`)."""
+        """Mark `slot` free of any adapter (its stale weights are zeroed by the next write)."""
         self.specs.pop(slot, None)
         self._views.pop(slot, None)
+        self.lora.forget(slot)
 
     def _slot_views(self, slot: int, spec: SlotSpec) -> list[SlotView | None]:
         act, m = ACTIVATIONS[spec.activation], spec.bottleneck
@@ -235,6 +254,7 @@ class SlotPool:
         padding exceeds `1 - pack_below` of the batch (pad positions never reach a real token: attention
         masks them out)."""
         specs = {s.slot: spec for s in segments if (spec := self.specs.get(s.slot)) is not None}
+        lora = frozenset(s.slot for s in segments if s.slot in self.lora.targets)
         row_slots = torch.tensor(
             [s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long, device=self.device
         )
@@ -247,7 +267,7 @@ class SlotPool:
                 token_index = token_index.to(self.device)
                 ends = torch.tensor(lengths).cumsum(0).tolist()
                 bounds = tuple((ends[s.start - 1] if s.start else 0, ends[s.stop - 1]) for s in segments)
-        return Routing(tuple(segments), row_slots, specs, strategy, token_index, bounds)
+        return Routing(tuple(segments), row_slots, specs, strategy, token_index, bounds, lora_slots=lora)
 
     def routing_packed(self, segments: Sequence[Segment], offsets: Sequence[int], strategy: Strategy,
                        total_tokens: int | None = None, bucket_shapes: bool = False) -> Routing:
@@ -258,13 +278,15 @@ class SlotPool:
         `bucket_shapes` rounds the gather layout up to k a multiple of 4 and L of 16, so that batches repeat
         a few matmul shapes (see `Engine.token_bucket`)."""
         specs = {s.slot: spec for s in segments if (spec := self.specs.get(s.slot)) is not None}
+        lora = frozenset(s.slot for s in segments if s.slot in self.lora.targets)
         slots = torch.tensor([s.slot for s in segments])
         counts = torch.tensor([offsets[s.stop] - offsets[s.start] for s in segments])
         pad = 0 if total_tokens is None else total_tokens - int(counts.sum())
         row_slots = torch.tensor([s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long)
         bounds = tuple((offsets[s.start], offsets[s.stop]) for s in segments)
         gather: dict[str, torch.Tensor] = {}
-        adapted = [(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs]
+        # one layout for the bottleneck and the LoRA segments: each kind reads zeros at the other's slots
+        adapted = [(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs or s.slot in lora]
         if strategy == "gather" and adapted:
             L, k = max(b - a for _, a, b in adapted), len(adapted)
             if bucket_shapes:  # round the [k, L] layout up (filler segments: slot 0, zero weights, never read)
@@ -278,6 +300,7 @@ class SlotPool:
                       "segment_tokens": places.view(-1), "real_places": real,
                       "real_tokens": torch.cat([torch.arange(a, b) for _, a, b in adapted])}
         return Routing(tuple(segments), row_slots.to(self.device), specs, strategy, None, bounds, packed=True,
+                       lora_slots=lora,
                        token_slots=F.pad(slots.repeat_interleave(counts), (0, pad), value=NO_ADAPTER).to(self.device),
                        **{k: v.to(self.device) for k, v in gather.items()})
 
@@ -443,7 +466,8 @@ def install_slot_pool(
     model: nn.Module, spec: ArchSpec, num_slots: int, *, device: torch.device, dtype: torch.dtype,
     bottleneck_capacity: int = 64,
 ) -> SlotPool:
-    """Replace every insertion point of `model` with routed layers reading one new pool (idempotent per model)."""
+    """Replace every insertion point of `model` with routed layers reading one new pool, and every LoRA
+    target projection with a routed linear reading its LoRA part (idempotent per model)."""
     layers = get_layers(model, spec)
     norms: list[tuple[torch.Tensor, torch.Tensor]] = []
     for layer in layers:
@@ -451,9 +475,18 @@ def install_slot_pool(
             norm = _base_norm(layer, spec.norm(point))
             norms.append((norm.weight, norm.bias))
     hidden = norms[0][0].shape[0]
+    lora_dims = {t: _linear_dims(_base_linear(layers[0], spec.lora_target(t))) for t in LORA_TARGETS}
     pool = SlotPool(len(layers), hidden, num_slots, device=device, dtype=dtype, base_norms=norms,
-                    bottleneck_capacity=bottleneck_capacity)
+                    bottleneck_capacity=bottleneck_capacity, lora_dims=lora_dims)
     for i, layer in enumerate(layers):
+        for target in LORA_TARGETS:  # first: the attention and feed-forward outputs are wrapped again below
+            path = spec.lora_target(target)
+            routed = RoutedLinear(_base_linear(layer, path), pool, i, target)
+            current = get_submodule(layer, path)
+            if isinstance(current, RoutedProjection):
+                current.base = routed
+            else:
+                set_submodule(layer, path, routed)
         for point in INSERTION_POINTS:
             proj = get_submodule(layer, spec.projection(point))
             proj = proj.base if isinstance(proj, RoutedProjection) else proj
@@ -461,6 +494,19 @@ def install_slot_pool(
             norm = _base_norm(layer, spec.norm(point))
             set_submodule(layer, spec.norm(point), RoutedLayerNorm(norm, pool, i, point))
     return pool
+
+
+def _base_linear(layer: nn.Module, path: str) -> nn.Module:
+    """The backbone's own projection at `path` (unwrapped when a pool was installed before)."""
+    module = get_submodule(layer, path)
+    if isinstance(module, RoutedProjection):
+        module = module.base
+    return module.base if isinstance(module, RoutedLinear) else module
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a projection (nn.Linear, or its dynamically quantised form)."""
+    return int(getattr(module, "in_features")), int(getattr(module, "out_features"))  # noqa: B009
 
 
 def _base_norm(layer: nn.Module, path: str) -> nn.LayerNorm:

@@ -223,6 +223,8 @@ class AdapterCache:
         try:
             if bundle.manifest.adapter is not None:
                 self.pool.write(slot, bundle.manifest.adapter, bundle.tensors)
+            elif bundle.manifest.lora is not None:
+                self.pool.write_lora(slot, bundle.manifest.lora, bundle.tensors)
         except BaseException:
             with self._lock:
                 entry.state = EntryState.EVICTED

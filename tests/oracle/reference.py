@@ -25,6 +25,12 @@ with adapter config (placement, m, act, train_layernorm) and bundle tensors:
   gelu(x) = x/2 * (1 + erf(x / sqrt 2)) (exact, not the tanh approximation), relu(x) = max(x, 0),
   swish(x) = x * sigmoid(x).
 
+  LoRA instead of adapters (config rank r, scaling s, targets): every target projection (query, key, value:
+  attention.self.query/key/value; attn_out and ffn_out: the projections above; ffn_in: intermediate.dense;
+  DistilBERT's q_lin/k_lin/v_lin/out_lin/lin1/lin2) of every layer l computes, for its input x,
+
+      y = x @ W^T + b + s * (x @ A) @ B      with A = lora.l.target.A [in, r], B = lora.l.target.B [r, out]
+
   Head, on the last hidden states H [T, d] of the row (its own tokens only):
   - sequence-level (classification, multilabel, regression):
         v = H[0] (pooling "cls": the first token) or mean_t H[t] (pooling "mean")
@@ -43,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from service.bundles.layout import adapter_key
+from service.bundles.layout import adapter_key, lora_key
 from service.bundles.manifest import Activation, Manifest
 from service.modeling.backbone import ARCHITECTURES
 
@@ -88,6 +94,8 @@ class Oracle:
     # --- hooks: the adapter and the task's LayerNorm at each insertion point -----------------------------
 
     def _install(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> list:
+        if manifest.lora is not None:
+            return self._install_lora(manifest, tensors)
         cfg = manifest.adapter
         if cfg is None:
             return []
@@ -123,6 +131,21 @@ class Oracle:
             kwargs["token_type_ids"] = torch.tensor([list(token_type_ids)], dtype=torch.long)
         with torch.no_grad():
             return self.model(**kwargs).last_hidden_state[0]
+
+    def _install_lora(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> list:
+        cfg = manifest.lora
+        assert cfg is not None
+        handles = []
+        for layer_index, layer in enumerate(self.layers):
+            for target in cfg.targets:
+                A = tensors[lora_key(layer_index, target, "A")].float()
+                B = tensors[lora_key(layer_index, target, "B")].float()
+
+                def lora_hook(module, inputs, y, A=A, B=B, s=cfg.scaling):
+                    return y + s * ((inputs[0] @ A) @ B)
+
+                handles.append(layer.get_submodule(self.spec.lora_target(target)).register_forward_hook(lora_hook))
+        return handles
 
     # --- the head --------------------------------------------------------------------------------------
 

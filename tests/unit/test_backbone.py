@@ -7,6 +7,7 @@ import torch
 
 from service.errors import BackboneLoadError
 from service.modeling.backbone import ARCHITECTURES, fingerprint, get_submodule, load_backbone
+from service.modeling.lora import RoutedLinear
 from service.modeling.slot_pool import RoutedLayerNorm, RoutedProjection, install_slot_pool
 
 
@@ -30,8 +31,13 @@ def test_installing_the_pool_wraps_every_insertion_point_once(tiny_backbone):
     install_slot_pool(b.model, b.spec, 4, device=b.device, dtype=b.dtype)
     install_slot_pool(b.model, b.spec, 4, device=b.device, dtype=b.dtype)  # idempotent: no double wrapping
     for layer in b.layers:
-        proj = get_submodule(layer, b.spec.projection("ffn"))
-        assert isinstance(proj, RoutedProjection) and isinstance(proj.base, torch.nn.Linear)
+        for point in ("attn", "ffn"):  # the adapter after the projection, LoRA inside it
+            proj = get_submodule(layer, b.spec.projection(point))
+            assert isinstance(proj, RoutedProjection) and isinstance(proj.base, RoutedLinear)
+            assert isinstance(proj.base.base, torch.nn.Linear)
+        for target in ("query", "key", "value", "ffn_in"):
+            routed = get_submodule(layer, b.spec.lora_target(target))
+            assert isinstance(routed, RoutedLinear) and isinstance(routed.base, torch.nn.Linear)
         assert isinstance(get_submodule(layer, b.spec.norm("attn")), RoutedLayerNorm)
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from service.bundles.codec import encode_bundle
-from service.bundles.manifest import AdapterConfig, HeadType
+from service.bundles.manifest import LORA_TARGETS, AdapterConfig, HeadType, LoraConfig, Manifest
 from service.bundles.store import LocalAdapterStore
 from service.modeling.backbone import load_backbone
 from service.modeling.encoding import Encoder
+from service.modeling.lora import LoraPool
 from service.modeling.slot_pool import Routing, SlotPool
 from service.runtime.engine import Engine, RowRequest
 from tests.conftest import make_manifest
@@ -38,6 +39,11 @@ TASKS = [
      AdapterConfig(placement="pfeiffer", bottleneck=12, activation="swish", train_layernorm=True), {}),
     ("qa", HeadType.QA, AdapterConfig(bottleneck=8), {}),
     ("headonly", HeadType.CLASSIFICATION, None, {"pooling": "cls"}),
+    # LoRA tasks (as imported from PEFT) in the same batches: query + value at rank 4, and every target at
+    # rank 12 (> the LoRA pool's initial rank capacity of 8: the pool grows)
+    ("lora-qv", HeadType.CLASSIFICATION, LoraConfig(rank=4, scaling=2.0, targets=("query", "value")),
+     {"pooling": "cls"}),
+    ("lora-all", HeadType.TOKEN_CLASSIFICATION, LoraConfig(rank=12, scaling=0.5, targets=LORA_TARGETS), {}),
 ]
 TEXTS = [
     "Hi",
@@ -84,7 +90,11 @@ def _build_case(kind: str, model_dir: str, root) -> Case:
     oracle = Oracle(model_dir)
     mixed, uniform, expected = [], [], {}
     for i, (task, head, cfg, head_cfg) in enumerate(TASKS):
-        manifest = make_manifest(backbone.ref, task=task, head_type=head, adapter=cfg, **head_cfg)
+        if isinstance(cfg, LoraConfig):
+            manifest = make_manifest(backbone.ref, task=task, head_type=head, adapter=None, **head_cfg)
+            manifest = Manifest.model_validate({**manifest.model_dump(), "lora": cfg})
+        else:
+            manifest = make_manifest(backbone.ref, task=task, head_type=head, adapter=cfg, **head_cfg)
         tensors = random_tensors(manifest, seed=i, std=0.2)
         assert store.put(task, encode_bundle(manifest, tensors)).version == 1
         reqs = [RowRequest(task, 1, r) for r in _rows(encoder, head, task)]
@@ -158,15 +168,16 @@ def test_the_tasks_really_differ(cases):
     oracle = Oracle(case.model_dir)
     row = case.uniform[0].row
     plain = oracle.hidden(row.input_ids, row.token_type_ids)
-    manifest = case.store.get_info("reg", 1).manifest
-    tensors = random_tensors(manifest, seed=[t for t, *_ in TASKS].index("reg"), std=0.2)
-    handles = oracle._install(manifest, tensors)
-    try:
-        adapted = oracle.hidden(row.input_ids, row.token_type_ids)
-    finally:
-        for h in handles:
-            h.remove()
-    assert (adapted - plain).abs().max() > 1e-2
+    for task in ("reg", "lora-all"):  # a bottleneck task and a LoRA task
+        manifest = case.store.get_info(task, 1).manifest
+        tensors = random_tensors(manifest, seed=[t for t, *_ in TASKS].index(task), std=0.2)
+        handles = oracle._install(manifest, tensors)
+        try:
+            adapted = oracle.hidden(row.input_ids, row.token_type_ids)
+        finally:
+            for h in handles:
+                h.remove()
+        assert (adapted - plain).abs().max() > 1e-2, task
 
 
 # --- the oracle test can fail: subtly broken slot pools ----------------------------------------------------
@@ -212,6 +223,15 @@ def _ignore_task_norms(monkeypatch):
     monkeypatch.setattr(Routing, "any_norm", property(lambda self: False))
 
 
+def _lora_unscaled(monkeypatch):
+    """LoRA tasks' B is copied without the task's scaling (alpha / r)."""
+    original = LoraPool.write
+
+    def broken(self, slot, cfg, tensors):
+        original(self, slot, cfg.model_copy(update={"scaling": 1.0}), tensors)
+    monkeypatch.setattr(LoraPool, "write", broken)
+
+
 MUTATIONS = {"padded-gather": _drop_up_bias, "packed-segment": _swap_two_slots,
              "packed-gather": _reverse_gather_slots, "padded-segment": _ignore_task_norms}
 
@@ -222,4 +242,13 @@ def test_a_subtly_broken_slot_pool_is_caught(cases, monkeypatch, mode):
     MUTATIONS[mode](monkeypatch)
     engine = engine_for(case, mode)
     with pytest.raises(AssertionError, match="differ from the oracle"):
+        assert_matches_oracle(engine, case, case.mixed)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_broken_lora_pool_is_caught(cases, monkeypatch, mode):
+    case = cases["bert"]
+    _lora_unscaled(monkeypatch)
+    engine = engine_for(case, mode)
+    with pytest.raises(AssertionError, match=r"lora-(qv|all) row"):
         assert_matches_oracle(engine, case, case.mixed)

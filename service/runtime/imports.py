@@ -1,0 +1,44 @@
+"""Adapters trained elsewhere -> our bundles, against the running backbone (PEFT LoRA folders today).
+
+The conversion itself is `service.bundles.peft` (pure: bytes in, tensors out); this module supplies what only
+the loaded backbone knows (where each LoRA target sits in a layer, the pooler's weights a BERT classifier
+reads) and validates the result exactly as an upload is validated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from service.bundles.codec import decode_bundle, encode_bundle
+from service.bundles.manifest import LORA_TARGETS
+from service.bundles.peft import CONFIG_FILE, WEIGHTS_FILE, convert_peft
+from service.errors import BundleInvalid
+from service.modeling.backbone import Backbone
+
+MAX_IMPORT_BYTES = 512 * 1024 * 1024
+
+
+def import_peft(files: Mapping[str, bytes], task: str, backbone: Backbone, labels: Sequence[str] | None = None,
+                ) -> bytes:
+    """A PEFT LoRA folder's files (name -> bytes) as one validated bundle for `task` on `backbone`."""
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if name not in files]
+    if missing:
+        hint = " (pickled adapter_model.bin is not read: save with safe_serialization)" \
+            if WEIGHTS_FILE in missing and "adapter_model.bin" in files else ""
+        raise BundleInvalid("missing_file", f"not a PEFT adapter folder: {', '.join(missing)} missing{hint}")
+    params = dict(backbone.model.named_parameters())
+
+    def base_weight(name: str) -> torch.Tensor | None:
+        t = params.get(name)
+        return None if t is None else t.detach().float().cpu()
+
+    converted = convert_peft(
+        files[CONFIG_FILE], files[WEIGHTS_FILE], task=task, backbone=backbone.ref,
+        target_paths={backbone.spec.lora_target(t): t for t in LORA_TARGETS}, base_weight=base_weight,
+        labels=labels,
+    )
+    data = encode_bundle(converted.manifest, converted.tensors)
+    decode_bundle(data, backbone=backbone.ref, max_bytes=MAX_IMPORT_BYTES)  # every check an upload gets
+    return data
