@@ -49,7 +49,9 @@ def encode_bundle(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> bytes
 
 def read_header(data: bytes) -> dict[str, Any]:
     """The safetensors JSON header, or BundleInvalid("not_safetensors") saying what the bytes look like."""
-    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+    # A safetensors header is JSON right after its 8-byte length; only bytes that are not can be a pickle (a
+    # header of 0x380 bytes starts with the same two bytes as a protocol-3 pickle)
+    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") and data[8:9] != b"{":
         raise BundleInvalid("not_safetensors", "file is a Python pickle; only safetensors bundles are accepted")
     if data[:4] == b"PK\x03\x04":
         raise BundleInvalid(

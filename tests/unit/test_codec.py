@@ -233,3 +233,23 @@ def test_label_names_for_every_head_type_are_valid():
     for head_type, labels in LABELS.items():
         m, t = valid(head_type)
         assert decode_bundle(encode_bundle(m, t), backbone=REF, max_bytes=LIMIT).manifest.labels == labels
+
+
+@pytest.mark.parametrize("header_bytes", [0x480, 0x580])
+def test_a_header_length_that_starts_like_a_pickle_is_still_read_as_safetensors(header_bytes):
+    """The first two bytes of a safetensors file are its header length: 0x480 bytes reads as b"\\x80\\x04",
+    the mark of a protocol-4 pickle. Such a bundle is read, and a real pickle is still refused."""
+    import pickle
+    import struct
+
+    m, t = valid(adapter=None)
+    data = encode_bundle(m, t)
+    (n,) = struct.unpack("<Q", data[:8])
+    body = data[8 : 8 + n].rstrip(b" ")
+    assert len(body) <= header_bytes
+    body += b" " * (header_bytes - len(body))  # the format pads its header with spaces
+    padded = struct.pack("<Q", len(body)) + body + data[8 + n :]
+    assert padded[:2] == bytes([0x80, header_bytes >> 8])
+    assert decode_bundle(padded, backbone=REF, max_bytes=LIMIT).manifest.task == m.task
+    with pytest.raises(BundleInvalid, match="pickle"):
+        decode_bundle(pickle.dumps({"a": 1}, protocol=4), backbone=REF, max_bytes=LIMIT)
