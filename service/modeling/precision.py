@@ -8,9 +8,12 @@ Modes (`ADAPTER_SERVICE_DTYPE`):
   (embeddings, attention, LayerNorm, adapters, heads) float32. CPU only.
 - `auto`: the fastest mode whose accuracy stays within the gate of docs/accuracy.md (0.5 points of
   float32 on every shipped task): CUDA: bfloat16 where the GPU computes it natively (compute capability
-  >= 8.0), else float16. CPU: bfloat16 where the CPU has native bfloat16 dot products (AVX512-BF16 or
-  AMX-BF16), else float32. `int8` is never picked by `auto`: it misses the gate on the shipped tasks
-  (docs/accuracy.md), and where bfloat16 is native it is slower too (docs/benchmarks.md).
+  >= 8.0), else float16. CPU: bfloat16 where the CPU has bfloat16 instructions (AMX-BF16 or AVX512-BF16)
+  *and* a short measured probe at start-up finds a bfloat16 matmul of the backbone's kind at least
+  `BF16_MIN_SPEEDUP` times as fast as float32, else float32. The flags alone do not decide: on a VM whose
+  CPU reports `avx512_bf16` without AMX, PyTorch's bfloat16 matmuls ran at half the float32 speed
+  (docs/benchmarks.md, session 5). `int8` is never picked by `auto`: it misses the gate on the shipped
+  tasks (docs/accuracy.md).
 
 Adapter and head weights stay float32 in bundles; the cache casts them to the compute dtype when it loads
 them (float32 under `int8`).
@@ -63,19 +66,53 @@ def native_bf16_cpu(flags: frozenset[str] | None = None) -> str | None:
     return None
 
 
+BF16_MIN_SPEEDUP = 1.2
+"""`auto` takes bfloat16 on a CPU only when the probe measures it at least this much faster than float32."""
+
+
+def bf16_speedup(tokens: int = 256, hidden: int = 384, reps: int = 6) -> float:
+    """float32 time / bfloat16 time of one linear layer `[tokens, hidden] -> [tokens, 4 hidden]` (a
+    transformer's feed-forward inner projection) on this CPU, with the threads torch has now: the median of
+    `reps` timed calls each, after two warm-up calls (about 30 ms on a 2-core VM)."""
+    import time
+
+    x = torch.randn(tokens, hidden)
+    w = torch.randn(4 * hidden, hidden)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = x.to(dtype), w.to(dtype)
+        for _ in range(2):
+            torch.nn.functional.linear(a, b)
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            samples.append(time.perf_counter() - t0)
+        times[dtype] = sorted(samples)[reps // 2]
+    return times[torch.float32] / max(times[torch.bfloat16], 1e-9)
+
+
 def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | None = None,
-                     cuda_capability: tuple[int, int] | None = None) -> Precision:
-    """The compute mode for `requested` on `device` (a pure function of its inputs: the CPU's bfloat16 flag
-    and the GPU's compute capability are passed in, or read from the machine when None)."""
+                     cuda_capability: tuple[int, int] | None = None, cpu_bf16_speedup: float | None = None,
+                     ) -> Precision:
+    """The compute mode for `requested` on `device` (a pure function of its inputs: the CPU's bfloat16 flag,
+    the measured bfloat16 speed-up and the GPU's compute capability are passed in, or read from the machine
+    when None)."""
     if requested not in MODES:
         raise ValueError(f"unknown precision {requested!r}; one of {', '.join(MODES)}")
     cpu = device.type == "cpu"
     if requested == "auto":
         if cpu:
             flag = native_bf16_cpu() if cpu_bf16 is None else (cpu_bf16 or None)
-            if flag:
-                return Precision("bfloat16", torch.bfloat16, f"auto: the CPU computes bfloat16 natively ({flag})")
-            return Precision("float32", torch.float32, "auto: the CPU has no native bfloat16 (no avx512_bf16/amx_bf16)")
+            if not flag:
+                return Precision("float32", torch.float32, "auto: the CPU has no bfloat16 instructions "
+                                 "(no avx512_bf16/amx_bf16)")
+            speedup = bf16_speedup() if cpu_bf16_speedup is None else cpu_bf16_speedup
+            if speedup >= BF16_MIN_SPEEDUP:
+                return Precision("bfloat16", torch.bfloat16, f"auto: the CPU computes bfloat16 natively ({flag}); "
+                                 f"measured {speedup:.2f}x float32's speed")
+            return Precision("float32", torch.float32, f"auto: the CPU has {flag}, but bfloat16 measured "
+                             f"{speedup:.2f}x float32's speed (< {BF16_MIN_SPEEDUP})")
         cap = torch.cuda.get_device_capability(device) if cuda_capability is None else cuda_capability
         if cap >= (8, 0):
             return Precision("bfloat16", torch.bfloat16, f"auto: GPU compute capability {cap[0]}.{cap[1]} >= 8.0")
