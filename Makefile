@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install system-deps run test test-fast test-cluster lint typecheck bench clean
+.PHONY: install system-deps run run-reset test test-fast test-cluster lint typecheck bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ install: $(VENV)/.installed
 system-deps:
 	@.ci/system-deps.sh
 
+# Serves a working copy of the shipped store (.run/store, made on the first run), so uploads, rollbacks
+# and deletes never touch the tracked adapters_store/; `make run-reset` starts over from the shipped tasks.
+RUN_STORE ?= .run/store
 run: install
-	$(VENV)/bin/adapter-service serve
+	@test -d $(RUN_STORE) || (mkdir -p $(dir $(RUN_STORE)) && cp -r adapters_store $(RUN_STORE) && rm -f $(RUN_STORE)/.lock)
+	ADAPTER_SERVICE_STORE_DIR=$${ADAPTER_SERVICE_STORE_DIR:-$(RUN_STORE)} $(VENV)/bin/adapter-service serve
+
+run-reset:
+	rm -rf $(RUN_STORE)
 
 # the whole suite, after the linter and the type checker
 test: install system-deps lint typecheck
