@@ -114,6 +114,8 @@ class Manifest(BaseModel):
                                     "adapters (imported from PEFT)")
     backbone: BackboneRef
     max_length: int = Field(256, ge=8, description="tokens per row used in training")
+    token_type_ids: bool = Field(True, description="feed the tokenizer's token type ids (segment A/B); false: all "
+                                 "zero, as the task was trained (PEFT's question-answering models drop them)")
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     metrics: dict[str, float] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)

@@ -134,6 +134,9 @@ def convert_peft(
     head_type, head_cfg, head_tensors, names = _head(cfg, head, pooler_lora, base_weight, backbone, labels)
     manifest = Manifest(task=task, head_type=head_type, labels=names, head=head_cfg, adapter=None,
                         lora=lora_config, backbone=backbone,
+                        # PeftModelForQuestionAnswering does not pass token_type_ids on (peft 0.21): such
+                        # adapters are trained, and must be served, with segment ids all zero
+                        token_type_ids=cfg["task_type"] != "QUESTION_ANS",
                         training={"imported_from": "peft", "peft_version": cfg.get("peft_version"),
                                   "base_model_name_or_path": cfg.get("base_model_name_or_path"),
                                   "r": cfg["r"], "lora_alpha": cfg.get("lora_alpha"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -223,7 +223,11 @@ class Engine:
         problem = kind.encode_problem(pairs is not None)
         if problem:
             raise InvalidInput(problem)
-        return self.encoder.encode(texts, pairs, max_length=manifest.max_length, qa=kind.question_answering)
+        rows = self.encoder.encode(texts, pairs, max_length=manifest.max_length, qa=kind.question_answering)
+        if not manifest.token_type_ids:  # trained without segment ids: serve it the same way
+            rows = [replace(r, token_type_ids=tuple(0 for _ in r.token_type_ids)) if r.token_type_ids else r
+                    for r in rows]
+        return rows
 
     # --- the batch ---------------------------------------------------------------------------------
 

@@ -40,34 +40,43 @@ CASES = {
     "bert-regression": ("bert", TaskType.SEQ_CLS, 1, dict(r=4, lora_alpha=4, target_modules=["query", "value"])),
     "bert-token": ("bert", TaskType.TOKEN_CLS, 5, dict(r=4, lora_alpha=8, target_modules=["query", "value"])),
     "roberta-cls": ("roberta", TaskType.SEQ_CLS, 3, dict(r=4, lora_alpha=8, target_modules=["query", "value"])),
+    "bert-qa": ("bert", TaskType.QUESTION_ANS, 2, dict(r=4, lora_alpha=8, target_modules=["query", "value"])),
 }
+CONTEXTS = ["Hello there, friend.", "He flew on Monday, from Paris to Berlin.", "The film was great."]
 
 
 def _peft_model(model_dir: Path, task_type: TaskType, outputs: int, options: dict, seed: int = 0):
     """A PEFT LoRA model on `model_dir`, trained 3 steps on random labels (so lora_B is non-zero), in eval."""
     from transformers import (
+        AutoModelForQuestionAnswering,
         AutoModelForSequenceClassification,
         AutoModelForTokenClassification,
         AutoTokenizer,
     )
 
     torch.manual_seed(seed)
-    auto = AutoModelForTokenClassification if task_type is TaskType.TOKEN_CLS else AutoModelForSequenceClassification
-    model = auto.from_pretrained(str(model_dir), num_labels=outputs)
-    peft_model = get_peft_model(model, LoraConfig(task_type=task_type, **options))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    if task_type is TaskType.TOKEN_CLS:
-        targets = torch.randint(0, outputs, batch["input_ids"].shape)
-    elif outputs == 1:
-        targets = torch.rand(len(TEXTS))
+    if task_type is TaskType.QUESTION_ANS:
+        model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir))
+        batch = tokenizer(TEXTS, CONTEXTS, padding=True, return_tensors="pt")
+        targets = {"start_positions": torch.tensor([5, 7, 6]), "end_positions": torch.tensor([6, 9, 7])}
     else:
-        targets = torch.randint(0, outputs, (len(TEXTS),))
+        auto = (AutoModelForTokenClassification if task_type is TaskType.TOKEN_CLS
+                else AutoModelForSequenceClassification)
+        model = auto.from_pretrained(str(model_dir), num_labels=outputs)
+        batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+        if task_type is TaskType.TOKEN_CLS:
+            targets = {"labels": torch.randint(0, outputs, batch["input_ids"].shape)}
+        elif outputs == 1:
+            targets = {"labels": torch.rand(len(TEXTS))}
+        else:
+            targets = {"labels": torch.randint(0, outputs, (len(TEXTS),))}
+    peft_model = get_peft_model(model, LoraConfig(task_type=task_type, **options))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2)
     peft_model.train()
     for _ in range(3):
         optimizer.zero_grad()
-        peft_model(**batch, labels=targets).loss.backward()
+        peft_model(**batch, **targets).loss.backward()
         optimizer.step()
     return peft_model.eval()
 
@@ -83,7 +92,10 @@ def _peft_logits(peft_model, row) -> torch.Tensor:
     if row.token_type_ids is not None:
         kwargs["token_type_ids"] = torch.tensor([row.token_type_ids])
     with torch.no_grad():
-        return peft_model(**kwargs).logits[0]
+        out = peft_model(**kwargs)
+    if hasattr(out, "start_logits"):  # extractive QA: [T, 2] (start, end), as our QA head computes them
+        return torch.stack((out.start_logits[0], out.end_logits[0]), -1)
+    return out.logits[0]
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +123,10 @@ def test_imported_lora_predicts_what_peft_predicts(imported, tiny_model_dirs, tm
     engine = Engine(backbone, store, cache_max_slots=4, strategy=strategy, packing=packing)
     manifest = store.get_info(case, 1).manifest
     assert manifest.lora is not None and manifest.adapter is None
-    want_head = {TaskType.TOKEN_CLS: HeadType.TOKEN_CLASSIFICATION}.get(
+    want_head = {TaskType.TOKEN_CLS: HeadType.TOKEN_CLASSIFICATION, TaskType.QUESTION_ANS: HeadType.QA}.get(
         task_type, HeadType.REGRESSION if outputs == 1 else HeadType.CLASSIFICATION)
     assert manifest.head_type is want_head
-    rows = engine.encode(manifest, TEXTS)
+    rows = engine.encode(manifest, TEXTS, CONTEXTS if want_head is HeadType.QA else None)
     results = engine.run([RowRequest(case, 1, r) for r in rows], keep_logits=True)
     for row, res in zip(rows, results):
         assert res.error is None and res.logits is not None
