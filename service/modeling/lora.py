@@ -55,6 +55,14 @@ class LoraPool:
             self.B[target][:, slot, :r, :].copy_((B.float() * cfg.scaling).to(device=self.device))
         self.targets[slot] = frozenset(cfg.targets)
 
+    def bytes_after(self, cfg: LoraConfig) -> int:
+        """Device bytes of the LoRA pool once `cfg` is written (every slot holds A and B of each allocated
+        target at the rank capacity)."""
+        rank = max(self.rank_capacity, cfg.rank)
+        targets = set(self.A) | set(cfg.targets)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return sum(self.num_layers * self.num_slots * rank * sum(self.dims[t]) * itemsize for t in targets)
+
     def needs_growth(self, cfg: LoraConfig) -> bool:
         """Whether writing `cfg` replaces pool tensors (a wider rank, or a target not allocated yet)."""
         return cfg.rank > self.rank_capacity or any(t not in self.A for t in cfg.targets)

@@ -210,8 +210,18 @@ class SlotPool:
             self._zero(slot)
             self.lora.write(slot, cfg, tensors)
 
+    def clear(self, slot: int) -> None:
+        """`slot` holds no adapter at all (a head-only task moves in): every weight of it zero, its norms the
+        backbone's, so that gathered forwards, which read every row's slot, read nothing stale there."""
+        if not 0 < slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range 1..{self.num_slots - 1}")
+        with self._write_lock:
+            self.forget(slot)
+            self._zero(slot)
+            self.lora.zero(slot)
+
     def forget(self, slot: int) -> None:
-        """Mark `slot` free of any adapter (its stale weights are zeroed by the next write)."""
+        """Mark `slot` free of any adapter (its stale weights are zeroed by the next write or `clear`)."""
         self.specs.pop(slot, None)
         self._views.pop(slot, None)
         self.lora.forget(slot)
@@ -240,7 +250,8 @@ class SlotPool:
         self.down_w = F.pad(self.down_w, (0, extra))
         self.down_b = F.pad(self.down_b, (0, extra))
         self.up_w = F.pad(self.up_w, (0, 0, 0, extra))
-        self._views = {slot: self._slot_views(slot, spec) for slot, spec in self.specs.items()}
+        # a copy: an eviction may `forget` a slot meanwhile (it takes no write lock)
+        self._views = {slot: self._slot_views(slot, spec) for slot, spec in list(self.specs.items())}
 
     # --- routing -------------------------------------------------------------------------------
 

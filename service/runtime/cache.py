@@ -24,7 +24,7 @@ import torch
 from service.bundles.codec import Bundle
 from service.bundles.layout import expected_shapes
 from service.bundles.manifest import Manifest
-from service.errors import CacheFull
+from service.errors import BundleInvalid, CacheFull
 from service.kinds.heads import TaskHead
 from service.modeling.heads import build_head
 from service.modeling.slot_pool import SlotPool
@@ -224,7 +224,15 @@ class AdapterCache:
             if bundle.manifest.adapter is not None:
                 self.pool.write(slot, bundle.manifest.adapter, bundle.tensors)
             elif bundle.manifest.lora is not None:
+                pool_bytes = self.pool.lora.bytes_after(bundle.manifest.lora)
+                if pool_bytes > self.max_bytes:  # the LoRA pool holds every slot at the widest rank
+                    raise BundleInvalid(
+                        "over_cache_budget", f"LoRA of rank {bundle.manifest.lora.rank} on "
+                        f"{', '.join(bundle.manifest.lora.targets)} would grow the LoRA pool (every slot at that "
+                        f"rank) to {pool_bytes} bytes, more than the adapter cache budget ({self.max_bytes} bytes)")
                 self.pool.write_lora(slot, bundle.manifest.lora, bundle.tensors)
+            else:  # head only: gathered forwards read this slot too, so nothing stale may stay in it
+                self.pool.clear(slot)
         except BaseException:
             with self._lock:
                 entry.state = EntryState.EVICTED

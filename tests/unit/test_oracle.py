@@ -252,3 +252,21 @@ def test_a_broken_lora_pool_is_caught(cases, monkeypatch, mode):
     engine = engine_for(case, mode)
     with pytest.raises(AssertionError, match=r"lora-(qv|all) row"):
         assert_matches_oracle(engine, case, case.mixed)
+
+
+@pytest.mark.parametrize("before", ["pair", "lora-all"])  # task LayerNorms; LoRA on every projection
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_head_only_task_in_a_reused_slot_reads_nothing_stale(cases, mode, before):
+    """Two slots. A head-only task takes the slot of a task with its own LayerNorms (or of a LoRA task) and
+    shares a batch with a task that makes the forward read every row's norms (or LoRA weights): its rows
+    must still see the plain backbone."""
+    case = cases["bert"]
+    backbone = load_backbone(case.model_dir, device="cpu", dtype="float32")
+    engine = Engine(backbone, case.store, cache_max_slots=2, **MODES[mode])
+    by_task: dict[str, list[RowRequest]] = {}
+    for req in case.mixed:
+        by_task.setdefault(req.task, []).append(req)
+    partner = {"pair": "reg", "lora-all": "lora-qv"}[before]  # also trains norms / also LoRA
+    engine.run(by_task[before])
+    engine.run(by_task[partner])  # the least recently used is now `before`: the head-only task gets its slot
+    assert_matches_oracle(engine, case, by_task["headonly"] + by_task[partner])
