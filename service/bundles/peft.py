@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load as st_load
 
 from service.bundles.layout import lora_key, lora_shapes
@@ -34,8 +35,11 @@ from service.errors import BundleInvalid
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TASK_TYPES = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
+ROBERTA_HEADS = ("roberta", "xlm-roberta", "camembert")
+"""Model types whose sequence classifier is `classifier.dense` -> tanh -> `classifier.out_proj` on the first
+token, which is our sequence head with `pooling: cls`."""
 _LAYER_KEY = re.compile(r"^(?:.*\.)?(?:encoder|transformer)\.layer\.(\d+)\.(.+)\.lora_([AB])\.weight$")
-_POOLER_LORA = re.compile(r"^(?:.*\.)?pooler\.dense\.lora_([AB])\.weight$")
+_POOLER_LORA = re.compile(r"^((?:.*\.)?pooler\.dense)\.lora_([AB])\.weight$")
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,19 @@ def read_peft_config(raw: bytes) -> dict[str, Any]:
         raise _fail(f"PEFT type {kind!r} is not supported: only LORA adapters are imported")
     refused = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "lora_bias": "LoRA bias terms",
                "fan_in_fan_out": "fan_in_fan_out (Conv1D layouts)", "layer_replication": "layer replication",
-               "trainable_token_indices": "trainable tokens"}
+               "trainable_token_indices": "trainable tokens", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+               "use_bdlora": "BD-LoRA", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
+               "arrow_config": "Arrow routing", "velora_config": "VeLoRA", "loftq_config": "LoftQ (a quantised base)",
+               "megatron_config": "Megatron layers", "target_parameters": "LoRA on parameters"}
     for key, what in refused.items():
         if cfg.get(key):
             raise _fail(f"{what} ({key}) is not supported")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init not in ("gaussian", "eva"):
+        # PiSSA, OLoRA, CorDA, LoftQ initialisations change the base weights; PEFT rewrites the saved config to
+        # `true` only when the adapter was converted to plain LoRA on save
+        raise _fail(f"init_lora_weights={init!r} changed the base model's weights: save the adapter converted "
+                    "to plain LoRA (path_initial_model_for_weight_conversion) to import it")
     if cfg.get("bias", "none") != "none":
         raise _fail(f"bias={cfg['bias']!r} is not supported: only bias='none' LoRA is imported")
     task_type = cfg.get("task_type")
@@ -82,12 +95,16 @@ def _scaling(cfg: Mapping[str, Any], module: str) -> tuple[int, float]:
     """(rank, scaling) of one module, honouring rank_pattern / alpha_pattern (PEFT matches by suffix)."""
     def pick(pattern: Mapping[str, Any], default: Any) -> Any:
         for key, value in (pattern or {}).items():
-            if re.fullmatch(rf"(.*\.)?{key}", module):
+            if re.match(rf"(.*\.)?({key})$", module):  # as PEFT matches them (peft.utils.other)
                 return value
         return default
 
-    r = int(pick(cfg.get("rank_pattern") or {}, cfg["r"]))
-    alpha = float(pick(cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha", 8)))
+    r = pick(cfg.get("rank_pattern") or {}, cfg["r"])
+    alpha = pick(cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha", 8))
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 256:
+        raise BundleInvalid("bad_peft_config", f"{module}: rank must be an integer from 1 to 256, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise BundleInvalid("bad_peft_config", f"{module}: lora_alpha must be a number, got {alpha!r}")
     return r, alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
@@ -108,6 +125,7 @@ def convert_peft(
     lora: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     module_names: dict[tuple[int, str], str] = {}  # for rank_pattern / alpha_pattern
     pooler_lora: dict[str, torch.Tensor] = {}
+    pooler_module = "pooler.dense"  # its name as PEFT matched it (e.g. bert.pooler.dense)
     head: dict[str, torch.Tensor] = {}
     for key, value in weights.items():
         name = key.removeprefix("base_model.model.")
@@ -122,7 +140,8 @@ def convert_peft(
             lora.setdefault((layer, target), {})[part] = value
             module_names[(layer, target)] = name.rsplit(".lora_", 1)[0]
         elif (m := _POOLER_LORA.match(name)) is not None:
-            pooler_lora[m.group(1)] = value
+            pooler_lora[m.group(2)] = value
+            pooler_module = m.group(1)
         elif ".lora_" in name:
             raise _fail(f"LoRA on '{name.rsplit('.lora_', 1)[0]}' is not supported (only the encoder layers' "
                         "projections and the pooler)")
@@ -130,8 +149,12 @@ def convert_peft(
             head[name] = value
     if not lora:
         raise BundleInvalid("missing_tensor", f"{WEIGHTS_FILE} holds no LoRA weights of the encoder layers")
-    lora_config, tensors = _lora_tensors(cfg, lora, module_names, backbone, task)
-    head_type, head_cfg, head_tensors, names = _head(cfg, head, pooler_lora, base_weight, backbone, labels)
+    try:
+        lora_config, tensors = _lora_tensors(cfg, lora, module_names, backbone, task)
+    except ValidationError as exc:  # e.g. more than 256 ranks after rank_pattern
+        raise BundleInvalid("bad_peft_config", f"the LoRA configuration does not fit: {exc.errors()[0]['msg']}") from None
+    head_type, head_cfg, head_tensors, names = _head(cfg, head, (pooler_module, pooler_lora), base_weight, backbone,
+                                                     labels)
     manifest = Manifest(task=task, head_type=head_type, labels=names, head=head_cfg, adapter=None,
                         lora=lora_config, backbone=backbone,
                         # PeftModelForQuestionAnswering does not pass token_type_ids on (peft 0.21): such
@@ -180,8 +203,8 @@ def _lora_tensors(cfg: Mapping[str, Any], lora: Mapping[tuple[int, str], Mapping
     return config, tensors
 
 
-def _head(cfg: Mapping[str, Any], head: Mapping[str, torch.Tensor], pooler_lora: Mapping[str, torch.Tensor],
-          base_weight: Callable[[str], torch.Tensor | None], backbone: BackboneRef, labels: Sequence[str] | None,
+def _head(cfg: Mapping[str, Any], head: Mapping[str, torch.Tensor],
+          pooler_lora: tuple[str, Mapping[str, torch.Tensor]], base_weight: Callable[[str], torch.Tensor | None], backbone: BackboneRef, labels: Sequence[str] | None,
           ) -> tuple[str, HeadConfig, dict[str, torch.Tensor], list[str]]:
     """(head type, head config, head tensors, labels) in our layout (see the module docstring)."""
     def take(*names: str) -> list[torch.Tensor]:
@@ -204,7 +227,10 @@ def _head(cfg: Mapping[str, Any], head: Mapping[str, torch.Tensor], pooler_lora:
         head_type, head_cfg = "token-classification", HeadConfig()
         tensors = {"head.out.weight": out_w, "head.out.bias": out_b}
     else:  # SEQ_CLS
-        if "classifier.out_proj.weight" in head:  # RoBERTa's classification head on <s>
+        if "classifier.out_proj.weight" in head:  # RoBERTa's classification head on <s> (dense, tanh, out_proj)
+            if backbone.model_type not in ROBERTA_HEADS:  # ELECTRA's has the same names and a GELU
+                raise _fail(f"a {backbone.model_type} classification head (classifier.dense + out_proj) is not "
+                            f"supported; only {', '.join(ROBERTA_HEADS)}'s (tanh)")
             dense_w, dense_b, out_w, out_b = take("classifier.dense.weight", "classifier.dense.bias",
                                                   "classifier.out_proj.weight", "classifier.out_proj.bias")
             used |= {"classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight",
@@ -231,7 +257,7 @@ def _head(cfg: Mapping[str, Any], head: Mapping[str, torch.Tensor], pooler_lora:
     return head_type, head_cfg, {k: v.contiguous() for k, v in tensors.items()}, names
 
 
-def _pooler(head: Mapping[str, torch.Tensor], pooler_lora: Mapping[str, torch.Tensor],
+def _pooler(head: Mapping[str, torch.Tensor], pooler_lora: tuple[str, Mapping[str, torch.Tensor]],
             base_weight: Callable[[str], torch.Tensor | None], cfg: Mapping[str, Any], used: set[str],
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pooler's dense layer as the PEFT model ran it: saved (modules_to_save) or the backbone's own, with
@@ -245,9 +271,15 @@ def _pooler(head: Mapping[str, torch.Tensor], pooler_lora: Mapping[str, torch.Te
         if got_w is None or got_b is None:
             raise _fail("the backbone has no pooler, which a BERT sequence classifier reads")
         w, b = got_w.float(), got_b.float()
-    if pooler_lora:
-        r, s = _scaling(cfg, "pooler.dense")
-        w = w + s * (pooler_lora["B"] @ pooler_lora["A"])
+    module, parts = pooler_lora
+    if parts:
+        r, s = _scaling(cfg, module)
+        A, B = parts.get("A"), parts.get("B")
+        if A is None or B is None or A.shape != (r, w.shape[1]) or B.shape != (w.shape[0], r):
+            raise BundleInvalid("bad_shape", f"{module}: lora_A and lora_B of rank {r} for a "
+                                f"{w.shape[1]} -> {w.shape[0]} layer are needed, got "
+                                f"{[list(t.shape) for t in (A, B) if t is not None]}")
+        w = w + s * (B @ A)
     return w.clone(), b.clone()
 
 

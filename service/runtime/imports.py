@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from pydantic import ValidationError
 
 from service.bundles.codec import decode_bundle, encode_bundle
 from service.bundles.manifest import LORA_TARGETS
@@ -34,11 +35,15 @@ def import_peft(files: Mapping[str, bytes], task: str, backbone: Backbone, label
         t = params.get(name)
         return None if t is None else t.detach().float().cpu()
 
-    converted = convert_peft(
-        files[CONFIG_FILE], files[WEIGHTS_FILE], task=task, backbone=backbone.ref,
-        target_paths={backbone.spec.lora_target(t): t for t in LORA_TARGETS}, base_weight=base_weight,
-        labels=labels,
-    )
+    try:
+        converted = convert_peft(
+            files[CONFIG_FILE], files[WEIGHTS_FILE], task=task, backbone=backbone.ref,
+            target_paths={backbone.spec.lora_target(t): t for t in LORA_TARGETS}, base_weight=base_weight,
+            labels=labels,
+        )
+    except ValidationError as exc:  # the manifest it describes is not one (e.g. a bad task name or labels)
+        first = exc.errors()[0]
+        raise BundleInvalid("bad_manifest", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     data = encode_bundle(converted.manifest, converted.tensors)
     decode_bundle(data, backbone=backbone.ref, max_bytes=MAX_IMPORT_BYTES)  # every check an upload gets
     return data

@@ -33,10 +33,14 @@ TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 CASES = {
     "bert-cls-qv": ("bert", TaskType.SEQ_CLS, 3, dict(r=4, lora_alpha=8, target_modules=["query", "value"])),
     "bert-cls-all-dense": ("bert", TaskType.SEQ_CLS, 2,  # "dense" also hits the pooler: folded into the head
-                           dict(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"])),
+                           dict(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"],
+                                alpha_pattern={"bert.pooler.dense": 5})),  # PEFT matches the full module name
     "bert-rslora-patterns": ("bert", TaskType.SEQ_CLS, 2,
                              dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["query", "value"],
                                   rank_pattern={"value": 6}, alpha_pattern={"value": 3})),
+    "bert-pattern-alternation": ("bert", TaskType.SEQ_CLS, 2,  # a pattern key with "|", as PEFT groups it
+                                 dict(r=4, lora_alpha=8, target_modules=["query", "key", "value"],
+                                      rank_pattern={"query|value": 6}, alpha_pattern={"query|value": 3})),
     "bert-regression": ("bert", TaskType.SEQ_CLS, 1, dict(r=4, lora_alpha=4, target_modules=["query", "value"])),
     "bert-token": ("bert", TaskType.TOKEN_CLS, 5, dict(r=4, lora_alpha=8, target_modules=["query", "value"])),
     "roberta-cls": ("roberta", TaskType.SEQ_CLS, 3, dict(r=4, lora_alpha=8, target_modules=["query", "value"])),
@@ -184,6 +188,10 @@ def _config_with(files: dict[str, bytes], **changes) -> dict[str, bytes]:
     ({"bias": "all"}, "bias='all'"),
     ({"task_type": "CAUSAL_LM"}, "task_type 'CAUSAL_LM'"),
     ({"r": 0}, "r must be an integer"),
+    ({"alora_invocation_tokens": [101, 102]}, "aLoRA"),
+    ({"init_lora_weights": "pissa"}, "changed the base model's weights"),
+    ({"rank_pattern": {"value": 0}}, "rank must be an integer"),
+    ({"lora_alpha": None}, "lora_alpha must be a number"),
 ])
 def test_unsupported_peft_configs_are_refused_with_a_message(imported, tiny_model_dirs, changes, message):
     files = _config_with(imported["bert-cls-qv"][2], **changes)
@@ -216,6 +224,11 @@ def _first(tensors: dict, needle: str) -> str:
     ("no classifier", lambda f: _weights_with(f, lambda t: [t.pop(k) for k in list(t) if "classifier" in k]),
      "missing_tensor"),
     ("corrupt safetensors", lambda f: {**f, "adapter_model.safetensors": b"\x00" * 40}, "not_safetensors"),
+    ("a RoBERTa-style head on BERT", lambda f: _weights_with(f, lambda t: t.update({
+        "base_model.model.classifier.dense.weight": torch.zeros(32, 32),
+        "base_model.model.classifier.dense.bias": torch.zeros(32),
+        "base_model.model.classifier.out_proj.weight": t.pop("base_model.model.classifier.weight"),
+        "base_model.model.classifier.out_proj.bias": t.pop("base_model.model.classifier.bias")})), "unsupported_peft"),
 ])
 def test_malformed_peft_folders_are_refused(imported, tiny_model_dirs, what, edit_or_files, code):
     files = edit_or_files(dict(imported["bert-cls-qv"][2]))
@@ -256,3 +269,17 @@ def test_the_import_command_writes_a_bundle_or_says_why_not(imported, tiny_model
     got = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "bad.safetensors")])
     assert got.exit_code == 1 and "adapter_model.safetensors missing" in got.output
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_a_lora_rank_the_cache_budget_cannot_hold_in_every_slot_is_refused(imported, tiny_model_dirs, tmp_path):
+    """The LoRA pool keeps every slot at the widest rank: a task that would grow it past the adapter cache's
+    byte budget is refused with a message (the request fails, the service does not allocate it)."""
+    store = LocalAdapterStore(tmp_path / "store")
+    store.put("bert-cls-qv", imported["bert-cls-qv"][1])
+    backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32")
+    need = store.get_info("bert-cls-qv", 1).manifest
+    engine = Engine(backbone, store, cache_max_slots=64, cache_max_bytes=64 * 1024)
+    assert engine.cache.footprint(need) < 64 * 1024 < engine.pool.lora.bytes_after(need.lora)
+    (result,) = engine.run([RowRequest("bert-cls-qv", 1, engine.encode(need, ["hi"])[0])])
+    assert isinstance(result.error, BundleInvalid) and "LoRA pool" in str(result.error)
+    assert not engine.pool.lora.A  # nothing allocated
