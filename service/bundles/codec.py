@@ -43,8 +43,22 @@ def encode_bundle(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> bytes
     problem = _tensor_problem(manifest, {k: (str(v.dtype), tuple(v.shape)) for k, v in tensors.items()})
     if problem:
         raise BundleInvalid(problem[0], problem[1])
-    meta = {MANIFEST_KEY: manifest.model_dump_json()}
+    meta = {MANIFEST_KEY: manifest_json(manifest)}
     return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
+
+
+def manifest_json(manifest: Manifest) -> str:
+    """The manifest as stored in a bundle. Fields added after format 1 shipped are written only when they
+    differ from their defaults, so a replica that predates them still reads every bundle that does not use
+    them (a rolling upgrade); `backbone.intermediate_size` only where LoRA on the feed-forward needs it."""
+    data = json.loads(manifest.model_dump_json())
+    if manifest.lora is None:
+        data.pop("lora", None)
+    if manifest.token_type_ids:
+        data.pop("token_type_ids", None)
+    if manifest.lora is None or not {"ffn_in", "ffn_out"} & set(manifest.lora.targets):
+        data["backbone"].pop("intermediate_size", None)
+    return json.dumps(data, separators=(",", ":"))
 
 
 def read_header(data: bytes) -> dict[str, Any]:
@@ -127,6 +141,11 @@ def check_backbone(manifest: Manifest, running: BackboneRef) -> None:
     if want.num_layers != running.num_layers:
         raise BackboneMismatch(
             "num_layers_mismatch", f"bundle has {want.num_layers} layers, backbone has {running.num_layers}"
+        )
+    if want.intermediate_size is not None and running.intermediate_size not in (None, want.intermediate_size):
+        raise BackboneMismatch(
+            "intermediate_size_mismatch",
+            f"bundle feed-forward width {want.intermediate_size} != backbone's {running.intermediate_size}",
         )
     if want.fingerprint != running.fingerprint:
         raise BackboneMismatch(

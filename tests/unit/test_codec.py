@@ -253,3 +253,18 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_read_as_safetensors(
     assert decode_bundle(padded, backbone=REF, max_bytes=LIMIT).manifest.task == m.task
     with pytest.raises(BundleInvalid, match="pickle"):
         decode_bundle(pickle.dumps({"a": 1}, protocol=4), backbone=REF, max_bytes=LIMIT)
+
+
+def test_bundles_without_lora_keep_the_format_older_replicas_read():
+    """Fields added after format 1 shipped (lora, token_type_ids, backbone.intermediate_size) are written only
+    when a bundle uses them, so a replica that predates them reads every other bundle during an upgrade."""
+    import json
+    import struct
+
+    m, t = valid()
+    m = m.model_copy(update={"backbone": m.backbone.model_copy(update={"intermediate_size": 64})})
+    data = encode_bundle(m, t)
+    (n,) = struct.unpack("<Q", data[:8])
+    stored = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["manifest"])
+    assert "lora" not in stored and "token_type_ids" not in stored and "intermediate_size" not in stored["backbone"]
+    assert decode_bundle(data, backbone=REF, max_bytes=LIMIT).manifest.token_type_ids is True
