@@ -139,6 +139,8 @@ def import_adapter(
     try:
         check_task_name(task)
         files = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+        if "adapter_model.safetensors" not in files and "adapter_model.bin" in files:
+            files["adapter_model.safetensors"] = _unpickled_weights(files["adapter_model.bin"])
         model = load_backbone(backbone, device="cpu", dtype="float32")
         names = [x.strip() for x in labels.split(",")] if labels else None
         data = import_peft(files, task, model, names)
@@ -151,6 +153,25 @@ def import_adapter(
     if store is not None:
         info = LocalAdapterStore(store).put(task, data)
         typer.echo(f"stored {task} v{info.version} in {store}")
+
+
+def _unpickled_weights(data: bytes) -> bytes:
+    """A PEFT folder's pickled `adapter_model.bin` as safetensors bytes: loaded with torch.load(weights_only=True)
+    (tensors and plain containers only, no code), here in the local CLI alone; never over HTTP."""
+    import io
+
+    import torch
+    from safetensors.torch import save
+
+    from service.errors import BundleInvalid
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for files it refuses
+        raise BundleInvalid("bad_weights", f"adapter_model.bin could not be loaded as plain tensors: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BundleInvalid("bad_weights", "adapter_model.bin does not hold a flat dict of tensors")
+    return save({k: v.contiguous() for k, v in state.items()})
 
 
 def _register_optional_commands() -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import require_admin, require_api_key
 from service.api.deps import Services, services
 from service.api.schemas import ActivateRequest, TaskDetail, TaskList, UploadResponse
+from service.bundles.archive import is_archive
 from service.bundles.store import VersionInfo
-from service.errors import BundleTooLarge
+from service.errors import BundleTooLarge, InvalidInput
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -34,16 +35,31 @@ def _upload_body(info: VersionInfo, active: bool) -> dict:
 )
 async def upload(
     svc: Annotated[Services, Depends(services)],
-    file: Annotated[UploadFile, File(description="A bundle (.safetensors) made by `adapter-service train`")],
+    file: Annotated[UploadFile, File(description="A bundle (.safetensors) made by `adapter-service train` or "
+                                     "`import`; or a PEFT LoRA folder (adapter_config.json + "
+                                     "adapter_model.safetensors) as a .zip, .tar or .tar.gz")],
+    task: Annotated[str | None, Form(description="Adapter archives only: the task name to serve it as")] = None,
+    labels: Annotated[str | None, Form(description="Adapter archives only: class names, comma-separated, in the "
+                                       "classifier's output order (token classification: BIO tags)")] = None,
 ):
     """Upload a bundle: validated fully and smoke-tested, then stored as the task's next version and made
-    active. Requests already admitted finish on the version they started with. `active` says whether it
-    still is when the answer is written (another replica's write may have moved the pointer since)."""
+    active. An adapter archive (a PEFT LoRA folder, safetensors weights only) is converted first, with the
+    same validation. Requests already admitted finish on the version they started with. `active` says
+    whether it still is when the answer is written (another replica's write may have moved the pointer
+    since)."""
     limit = svc.settings.upload_max_bytes
     data = await file.read(limit + 1)
     if len(data) > limit:
         raise BundleTooLarge(file.size or len(data), limit)
-    info = await run_in_threadpool(svc.manager.upload, data)
+    if is_archive(data):
+        if not task:
+            raise InvalidInput("an adapter archive needs the form field 'task' (the name to serve it as)")
+        names = [x.strip() for x in labels.split(",")] if labels else None
+        info = await run_in_threadpool(svc.manager.upload_archive, data, task, names, limit)
+    elif task is not None or labels is not None:
+        raise InvalidInput("'task' and 'labels' are for adapter archives; a bundle names its own task and labels")
+    else:
+        info = await run_in_threadpool(svc.manager.upload, data)
     active = await run_in_threadpool(svc.manager.is_active, info.task, info.version)
     return _upload_body(info, active)
 

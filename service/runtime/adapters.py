@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from service.bundles.archive import read_adapter_archive
 from service.bundles.manifest import check_task_name
 from service.bundles.store import AdapterStore, VersionInfo
-from service.errors import CacheFull, StoreUnavailable, TaskNotFound
+from service.errors import BundleInvalid, CacheFull, InvalidTaskName, StoreUnavailable, TaskNotFound
 from service.runtime.engine import Engine
+from service.runtime.imports import import_peft
 from service.runtime.registry import TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,19 @@ class AdapterManager:
         self._refresh_after_write(task)
         log.info("uploaded %s@%d (%d bytes, sha256 %s)", task, info.version, info.size_bytes, info.sha256[:12])
         return info
+
+    def upload_archive(self, data: bytes, task: str, labels: list[str] | None, max_bytes: int) -> VersionInfo:
+        """An adapter folder trained elsewhere (PEFT LoRA), uploaded as a zip/tar archive: converted against
+        the running backbone, then validated, smoke-tested, stored and activated like a bundle."""
+        try:
+            check_task_name(task)
+        except InvalidTaskName as exc:  # a form field, not a path: the upload is invalid (422), no task is missing
+            raise BundleInvalid("bad_task_name", str(exc)) from None
+        files = read_adapter_archive(data, max_bytes=max_bytes)
+        if "adapter_model.safetensors" not in files and "adapter_model.bin" in files:
+            raise BundleInvalid("pickled_weights", "adapter_model.bin is a pickle, which is never loaded over HTTP: "
+                                "save the adapter with safetensors (the default), or import it with the CLI")
+        return self.upload(import_peft(files, task, self.engine.backbone, labels))
 
     def activate(self, task: str, version: int) -> VersionInfo:
         """Point `task` at an existing `version` (rollback or roll forward)."""

@@ -283,3 +283,34 @@ def test_a_lora_rank_the_cache_budget_cannot_hold_in_every_slot_is_refused(impor
     (result,) = engine.run([RowRequest("bert-cls-qv", 1, engine.encode(need, ["hi"])[0])])
     assert isinstance(result.error, BundleInvalid) and "LoRA pool" in str(result.error)
     assert not engine.pool.lora.A  # nothing allocated
+
+
+def test_the_cli_reads_pickled_weights_with_weights_only_and_refuses_code(imported, tiny_model_dirs, tmp_path):
+    """Pickled adapter_model.bin (older PEFT saves) is read by the local CLI alone, with
+    torch.load(weights_only=True): tensors load, a pickle that would run code is refused."""
+    import pickle
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    files = imported["bert-cls-qv"][2]
+    folder = tmp_path / "peft-bin"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes(files["adapter_config.json"])
+    torch.save(dict(st_load(files["adapter_model.safetensors"])), folder / "adapter_model.bin")
+    args = ["import", str(folder), "--task", "qv", "--backbone", str(tiny_model_dirs["bert"])]
+    got = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "qv.safetensors")])
+    assert got.exit_code == 0, got.output
+    same = decode_bundle((tmp_path / "qv.safetensors").read_bytes(), backbone=None, max_bytes=2**26)
+    original = decode_bundle(imported["bert-cls-qv"][1], backbone=None, max_bytes=2**26)
+    assert all(torch.equal(same.tensors[k], v) for k, v in original.tensors.items())
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps({"x": Exploit()}))
+    got = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "bad.safetensors")])
+    assert got.exit_code == 1 and "could not be loaded as plain tensors" in got.output
+    assert "this must never run" not in got.output
