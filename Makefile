@@ -36,7 +36,7 @@ test: install system-deps lint typecheck
 	$(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not integration and not cluster"
+	$(PY) -m pytest -q -m "not integration and not cluster and not peers"
 
 test-cluster: install system-deps
 	$(PY) -m pytest -q -m cluster

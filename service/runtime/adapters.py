@@ -16,7 +16,7 @@ from service.bundles.manifest import check_task_name
 from service.bundles.store import AdapterStore, VersionInfo
 from service.errors import BundleInvalid, CacheFull, InvalidTaskName, StoreUnavailable, TaskNotFound
 from service.runtime.engine import Engine
-from service.runtime.imports import import_peft
+from service.runtime.imports import import_folder
 from service.runtime.registry import TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -54,17 +54,19 @@ class AdapterManager:
         return info
 
     def upload_archive(self, data: bytes, task: str, labels: list[str] | None, max_bytes: int) -> VersionInfo:
-        """An adapter folder trained elsewhere (PEFT LoRA), uploaded as a zip/tar archive: converted against
+        """An adapter folder trained elsewhere (PEFT LoRA, AdapterHub), uploaded as a zip/tar archive: converted against
         the running backbone, then validated, smoke-tested, stored and activated like a bundle."""
         try:
             check_task_name(task)
         except InvalidTaskName as exc:  # a form field, not a path: the upload is invalid (422), no task is missing
             raise BundleInvalid("bad_task_name", str(exc)) from None
         files = read_adapter_archive(data, max_bytes=max_bytes)
-        if "adapter_model.safetensors" not in files and "adapter_model.bin" in files:
-            raise BundleInvalid("pickled_weights", "adapter_model.bin is a pickle, which is never loaded over HTTP: "
-                                "save the adapter with safetensors (the default), or import it with the CLI")
-        return self.upload(import_peft(files, task, self.engine.backbone, labels))
+        pickled = sorted(name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl")))
+        if pickled:
+            raise BundleInvalid("pickled_weights", f"{', '.join(pickled)}: pickles are never loaded over HTTP; save "
+                                "the adapter as safetensors (PEFT's default; AdapterHub: use_safetensors=True), or "
+                                "import it with the CLI")
+        return self.upload(import_folder(files, task, self.engine.backbone, labels))
 
     def activate(self, task: str, version: int) -> VersionInfo:
         """Point `task` at an existing `version` (rollback or roll forward)."""

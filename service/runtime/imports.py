@@ -1,8 +1,10 @@
-"""Adapters trained elsewhere -> our bundles, against the running backbone (PEFT LoRA folders today).
+"""Adapters trained elsewhere -> our bundles, against the running backbone: PEFT LoRA folders and AdapterHub
+bottleneck adapter folders.
 
-The conversion itself is `service.bundles.peft` (pure: bytes in, tensors out); this module supplies what only
-the loaded backbone knows (where each LoRA target sits in a layer, the pooler's weights a BERT classifier
-reads) and validates the result exactly as an upload is validated.
+The conversions themselves are `service.bundles.peft` and `service.bundles.adapterhub` (pure: bytes in,
+tensors out); this module tells the two apart, supplies what only the loaded backbone knows (where each LoRA
+target sits in a layer, the pooler's weights a BERT classifier reads) and validates the result exactly as an
+upload is validated.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from pydantic import ValidationError
 
+from service.bundles.adapterhub import convert_adapterhub, is_adapterhub_config
 from service.bundles.codec import decode_bundle, encode_bundle
 from service.bundles.manifest import LORA_TARGETS
 from service.bundles.peft import CONFIG_FILE, WEIGHTS_FILE, convert_peft
@@ -47,3 +50,22 @@ def import_peft(files: Mapping[str, bytes], task: str, backbone: Backbone, label
     data = encode_bundle(converted.manifest, converted.tensors)
     decode_bundle(data, backbone=backbone.ref, max_bytes=MAX_IMPORT_BYTES)  # every check an upload gets
     return data
+
+
+def import_adapterhub(files: Mapping[str, bytes], task: str, backbone: Backbone,
+                      labels: Sequence[str] | None = None) -> bytes:
+    """An AdapterHub adapter folder's files (safetensors weights) as one validated bundle for `task`."""
+    manifest, tensors = convert_adapterhub(files, task=task, backbone=backbone.ref, labels=labels)
+    data = encode_bundle(manifest, tensors)
+    decode_bundle(data, backbone=backbone.ref, max_bytes=MAX_IMPORT_BYTES)  # every check an upload gets
+    return data
+
+
+def import_folder(files: Mapping[str, bytes], task: str, backbone: Backbone, labels: Sequence[str] | None = None,
+                  ) -> bytes:
+    """A PEFT or an AdapterHub adapter folder (told apart by its adapter_config.json) as one bundle."""
+    if CONFIG_FILE not in files:
+        raise BundleInvalid("missing_file", f"not an adapter folder: {CONFIG_FILE} missing")
+    if is_adapterhub_config(files[CONFIG_FILE]):
+        return import_adapterhub(files, task, backbone, labels)
+    return import_peft(files, task, backbone, labels)

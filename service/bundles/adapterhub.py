@@ -1,0 +1,233 @@
+"""AdapterHub (`adapters` 1.x) bottleneck adapter folders -> bundles.
+
+`save_adapter(dir, name, with_head=True)` writes `adapter_config.json` (`{"config": {...}, "name", ...}`), the
+adapter weights (`adapter.safetensors`, or pickled `pytorch_adapter.bin`, which only the CLI reads), and with
+a head `head_config.json` plus `model_head.safetensors` (or `pytorch_model_head.bin`). Weight names:
+`<model>.encoder.layer.<i>.attention.output.adapters.<name>.adapter_down.0.weight` [m, d] (+ bias),
+`...adapter_up.weight` [d, m] (+ bias), and `.output.adapters.` for the feed-forward point; heads are
+`heads.<name>.<index>.weight` in the head's `nn.Sequential` (dropout, linear, activation, dropout, linear).
+
+Served exactly: the sequential bottleneck as Houlsby placed it (`double_seq_bn`, and any config with the same
+wiring: adapter on the projection's output, its own residual, then the layer's residual and LayerNorm:
+`original_ln_before: false, original_ln_after: true, residual_before_ln: true, adapter_residual_before_ln:
+false`, no adapter LayerNorms, no gating), on the attention point, the feed-forward point or both, with
+`leave_out` layers (zero adapters there), any reduction factor, swish/relu/gelu, and a numeric `scaling`
+(multiplied into the up-projection). Refused with a message naming it: the Pfeiffer wiring (`seq_bn`: its
+adapter reads the LayerNorm of the sub-layer's output), parallel adapters, Compacter/PHM, gating, adapter
+LayerNorms, learned scaling, and prefix tuning, LoRA, IA3, fusion or stacks.
+
+Heads: classification (regression when it has one label), multi-label classification, tagging and
+question answering, 1 or 2 layers (tanh between them), read from the first token (`use_pooler: false`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load as st_load
+
+from service.bundles.layout import adapter_key
+from service.bundles.manifest import Activation, AdapterConfig, BackboneRef, HeadConfig, Manifest, Placement
+from service.errors import BundleInvalid
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+HEAD_CONFIG_FILE = "head_config.json"
+HEAD_WEIGHTS_FILE = "model_head.safetensors"
+PICKLED = {"pytorch_adapter.bin": WEIGHTS_FILE, "pytorch_model_head.bin": HEAD_WEIGHTS_FILE}
+"""AdapterHub's default (pickled) file names and the safetensors names they stand for."""
+
+_REQUIRED = {"original_ln_before": False, "original_ln_after": True, "residual_before_ln": True,
+             "adapter_residual_before_ln": False, "ln_before": False, "ln_after": False, "is_parallel": False,
+             "phm_layer": False, "use_gating": False, "cross_adapter": False, "inv_adapter": None}
+_WHY = {"original_ln_before": "the Pfeiffer wiring (seq_bn: the adapter reads the sub-layer's LayerNorm)",
+        "is_parallel": "parallel adapters", "phm_layer": "Compacter / PHM layers", "use_gating": "gated adapters",
+        "ln_before": "adapter LayerNorms", "ln_after": "adapter LayerNorms", "inv_adapter": "invertible adapters",
+        "cross_adapter": "cross-attention adapters"}
+_ACTIVATIONS = {"swish": Activation.SWISH, "silu": Activation.SWISH, "relu": Activation.RELU,
+                "gelu": Activation.GELU}
+_POINT = {"attention.output": "attn", "output": "ffn"}
+_KEY = re.compile(r"^(?:.*\.)?(?:encoder|transformer)\.layer\.(\d+)\.(attention\.output|output)\.adapters\.([^.]+)\."
+                  r"(adapter_down\.0|adapter_up)\.(weight|bias)$")
+
+
+def is_adapterhub_config(raw: bytes) -> bool:
+    try:
+        cfg = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get("config"), dict) and "peft_type" not in cfg
+
+
+def _fail(message: str) -> BundleInvalid:
+    return BundleInvalid("unsupported_adapterhub", message)
+
+
+def _json(raw: bytes, name: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise BundleInvalid("bad_adapterhub_config", f"{name} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BundleInvalid("bad_adapterhub_config", f"{name} must be a JSON object")
+    return data
+
+
+def _tensors(raw: bytes, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return {k: v.float() for k, v in st_load(raw).items()}
+    except Exception as exc:  # safetensors raises its own error types on corrupt files
+        raise BundleInvalid("not_safetensors", f"{name} is not a valid safetensors file: {exc}") from None
+
+
+def _adapter_config(cfg: Mapping[str, Any], backbone: BackboneRef) -> tuple[Activation, float, set[int]]:
+    arch = cfg.get("architecture")
+    if arch not in (None, "bottleneck"):
+        raise _fail(f"AdapterHub architecture {arch!r} is not supported: only bottleneck adapters are imported")
+    for key, want in _REQUIRED.items():
+        if cfg.get(key, want) != want:
+            raise _fail(f"{_WHY.get(key, key)} ({key}={cfg.get(key)!r}) is not supported: only the Houlsby wiring "
+                        "(double_seq_bn) is served exactly")
+    act = str(cfg.get("non_linearity", "relu")).lower()
+    if act not in _ACTIVATIONS:
+        raise _fail(f"non_linearity {act!r} is not supported (one of {sorted(_ACTIVATIONS)})")
+    scaling = cfg.get("scaling", 1.0)
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+        raise _fail(f"scaling={scaling!r} is not supported: only a fixed number")
+    leave_out = cfg.get("leave_out") or []
+    if not isinstance(leave_out, list) or not all(isinstance(x, int) for x in leave_out):
+        raise BundleInvalid("bad_adapterhub_config", f"leave_out must be a list of layer indices, got {leave_out!r}")
+    return _ACTIVATIONS[act], float(scaling), {x % backbone.num_layers for x in leave_out}
+
+
+def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: BackboneRef,
+                       labels: Sequence[str] | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """An AdapterHub folder's files (safetensors weights) as our bundle's manifest and tensors."""
+    meta = _json(files[CONFIG_FILE], CONFIG_FILE)
+    cfg = meta["config"]
+    if meta.get("hidden_size") not in (None, backbone.hidden_size):
+        raise BundleInvalid("hidden_size_mismatch", f"the adapter is for hidden size {meta['hidden_size']}, the "
+                            f"backbone's is {backbone.hidden_size}")
+    activation, scaling, leave_out = _adapter_config(cfg, backbone)
+    if WEIGHTS_FILE not in files:
+        raise BundleInvalid("missing_file", f"{WEIGHTS_FILE} missing (pickled {next(iter(PICKLED))} is read by "
+                            "the local CLI only)")
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    names: set[str] = set()
+    for key, value in _tensors(files[WEIGHTS_FILE], WEIGHTS_FILE).items():
+        m = _KEY.match(key)
+        if m is None:
+            raise _fail(f"weights the service cannot serve: {key}")
+        layer, point, name = int(m.group(1)), _POINT[m.group(2)], m.group(3)
+        if not 0 <= layer < backbone.num_layers:
+            raise BundleInvalid("num_layers_mismatch", f"adapter weights for layer {layer}, the backbone has "
+                                f"{backbone.num_layers} layers")
+        names.add(name)
+        part = ("down." if m.group(4).startswith("adapter_down") else "up.") + m.group(5)
+        parts.setdefault((layer, point), {})[part] = value
+    if len(names) != 1:
+        raise _fail(f"the folder holds adapters {sorted(names)}: import one adapter (no fusion or stacks)")
+    points = {p for _, p in parts}
+    if not points:
+        raise BundleInvalid("missing_tensor", f"{WEIGHTS_FILE} holds no adapter weights")
+    m_width = next(iter(parts.values()))["down.weight"].shape[0]
+    d = backbone.hidden_size
+    placement = Placement.PFEIFFER if points == {"ffn"} else Placement.HOULSBY
+    adapter = AdapterConfig(placement=placement, bottleneck=m_width, activation=activation)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(backbone.num_layers):
+        for point in adapter.points:
+            got = parts.get((layer, point))
+            if got is None:  # left out (leave_out), or a placement on one point only: no adapter there, exactly
+                if layer not in leave_out and point in points:
+                    raise BundleInvalid("missing_tensor", f"no adapter weights for layer {layer} ({point})")
+                got = {"down.weight": torch.zeros(m_width, d), "down.bias": torch.zeros(m_width),
+                       "up.weight": torch.zeros(d, m_width), "up.bias": torch.zeros(d)}
+            missing = {"down.weight", "down.bias", "up.weight", "up.bias"} - set(got)
+            if missing:
+                raise BundleInvalid("missing_tensor", f"layer {layer} ({point}): {sorted(missing)} missing")
+            if got["down.weight"].shape != (m_width, d) or got["up.weight"].shape != (d, m_width):
+                raise BundleInvalid("bad_shape", f"layer {layer} ({point}): down {list(got['down.weight'].shape)}, "
+                                    f"up {list(got['up.weight'].shape)}; expected [{m_width}, {d}] and [{d}, {m_width}]")
+            tensors[adapter_key(layer, point, "down.weight")] = got["down.weight"].T.contiguous()
+            tensors[adapter_key(layer, point, "down.bias")] = got["down.bias"].contiguous()
+            tensors[adapter_key(layer, point, "up.weight")] = (got["up.weight"] * scaling).T.contiguous()
+            tensors[adapter_key(layer, point, "up.bias")] = (got["up.bias"] * scaling).contiguous()
+    head_type, head_cfg, head_tensors, head_labels = _head(files, backbone, labels)
+    try:
+        manifest = Manifest(task=task, head_type=head_type, labels=head_labels, head=head_cfg, adapter=adapter,
+                            backbone=backbone,
+                            training={"imported_from": "adapterhub", "adapters_version": meta.get("version"),
+                                      "adapter_name": meta.get("name"), "config": cfg})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise BundleInvalid("bad_manifest", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return manifest, {**tensors, **head_tensors}
+
+
+_HEAD_TYPES = {"classification", "multilabel_classification", "tagging", "question_answering"}
+
+
+def _head(files: Mapping[str, bytes], backbone: BackboneRef, labels: Sequence[str] | None,
+          ) -> tuple[str, HeadConfig, dict[str, torch.Tensor], list[str]]:
+    if HEAD_CONFIG_FILE not in files:
+        raise BundleInvalid("missing_file", f"{HEAD_CONFIG_FILE} missing: save the adapter with_head=True (a task "
+                            "needs its prediction head)")
+    meta = _json(files[HEAD_CONFIG_FILE], HEAD_CONFIG_FILE)
+    cfg = meta.get("config") or {}
+    kind = cfg.get("head_type")
+    if kind not in _HEAD_TYPES:
+        raise _fail(f"head type {kind!r} is not supported (one of {sorted(_HEAD_TYPES)})")
+    layers = cfg.get("layers", 1)
+    if layers not in (1, 2) or (layers == 2 and str(cfg.get("activation_function")).lower() != "tanh"):
+        raise _fail(f"a {kind} head with {layers} layers and activation {cfg.get('activation_function')!r} is not "
+                    "supported (1 layer, or 2 with tanh)")
+    if cfg.get("use_pooler") or cfg.get("bias", True) is not True:
+        raise _fail("heads reading the pooler, or without an output bias, are not supported")
+    if HEAD_WEIGHTS_FILE not in files:
+        raise BundleInvalid("missing_file", f"{HEAD_WEIGHTS_FILE} missing (pickled pytorch_model_head.bin is read "
+                            "by the local CLI only)")
+    weights = _tensors(files[HEAD_WEIGHTS_FILE], HEAD_WEIGHTS_FILE)
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        m = re.match(r"^heads\.[^.]+\.(\d+)\.(weight|bias)$", key)
+        if m is None:
+            raise _fail(f"head weights the service cannot serve: {key}")
+        by_index.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    linear = [by_index[i] for i in sorted(by_index)]
+    if len(linear) != layers or any(set(p) != {"weight", "bias"} for p in linear):
+        raise BundleInvalid("missing_tensor", f"the head has {layers} layer(s) but {HEAD_WEIGHTS_FILE} holds "
+                            f"{sorted(by_index)}")
+    out = linear[-1]
+    tensors = {"head.out.weight": out["weight"], "head.out.bias": out["bias"]}
+    if layers == 2:
+        tensors |= {"head.dense.weight": linear[0]["weight"], "head.dense.bias": linear[0]["bias"]}
+    for name, t in tensors.items():
+        if name.endswith("weight") and t.shape[-1] != backbone.hidden_size:
+            raise BundleInvalid("hidden_size_mismatch", f"head tensor {name} has shape {list(t.shape)}, the "
+                                f"backbone's hidden size is {backbone.hidden_size}")
+    width = out["weight"].shape[0]
+    label2id = cfg.get("label2id") or {}
+    names = list(labels) if labels is not None else [n for n, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
+    if kind == "question_answering":
+        return "qa", HeadConfig(), tensors, []
+    if kind == "tagging":
+        return "token-classification", HeadConfig(), tensors, _check_labels(names, width)
+    head_cfg = HeadConfig(pooling="cls", hidden_layer=layers == 2)
+    if kind == "classification" and width == 1:
+        return "regression", head_cfg, tensors, []
+    return ("multilabel" if kind == "multilabel_classification" else "classification"), head_cfg, tensors, \
+        _check_labels(names, width)
+
+
+def _check_labels(names: list[str], width: int) -> list[str]:
+    if not names:
+        return [f"LABEL_{i}" for i in range(width)]
+    if len(names) != width:
+        raise BundleInvalid("labels_mismatch", f"{len(names)} labels, the head has {width} outputs")
+    return names
