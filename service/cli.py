@@ -1,4 +1,4 @@
-"""`adapter-service`: serve | upload | list | inspect | import | train | evaluate | store sync.
+"""`adapter-service`: serve | upload | list | inspect | import | export | train | evaluate | store sync.
 
 Heavy imports (torch, transformers, the app) happen inside the commands, so `--help` is instant.
 """
@@ -157,6 +157,41 @@ def import_adapter(
     if store is not None:
         info = LocalAdapterStore(store).put(task, data)
         typer.echo(f"stored {task} v{info.version} in {store}")
+
+
+@app.command("export")
+def export_adapter(
+    task: Annotated[str, typer.Argument(help="a task of the local store, or a bundle file (.safetensors)")],
+    out: Annotated[Path, typer.Argument(help="folder to write the adapter into (created)", file_okay=False)],
+    format: Annotated[str, typer.Option("--format", help="adapterhub: a folder `adapters` loads with "
+                                        "load_adapter")] = "adapterhub",
+    store: Annotated[Path, typer.Option(help="the local adapter store to read TASK from")] = Path("adapters_store"),
+    version: Annotated[int | None, typer.Option(help="version of TASK [default: the active one]")] = None,
+):
+    """Write a task out in another library's format (AdapterHub), to be loaded and served there."""
+    from service.bundles.adapterhub import export_adapterhub
+    from service.bundles.codec import decode_bundle
+    from service.bundles.store import LocalAdapterStore
+    from service.errors import ServiceError
+
+    if format != "adapterhub":
+        typer.echo(f"error: unknown format {format!r}; one of: adapterhub", err=True)
+        raise typer.Exit(2)
+    try:
+        if task.endswith(".safetensors") and Path(task).is_file():
+            data = Path(task).read_bytes()
+        else:
+            local = LocalAdapterStore(store)
+            data = local.get_bytes(task, local.get_active(task) if version is None else version)
+        bundle = decode_bundle(data, backbone=None, max_bytes=max(len(data), 1))
+        files = export_adapterhub(bundle.manifest, bundle.tensors, bundle.manifest.task)
+    except ServiceError as exc:
+        typer.echo(f"error: cannot export {task}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (out / name).write_bytes(content)
+    typer.echo(f"wrote {', '.join(sorted(files))} to {out} (adapters 1.x: load_adapter({str(out)!r}, use_safetensors=True))")
 
 
 def _unpickled_weights(data: bytes, name: str) -> bytes:

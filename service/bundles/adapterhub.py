@@ -231,3 +231,76 @@ def _check_labels(names: list[str], width: int) -> list[str]:
     if len(names) != width:
         raise BundleInvalid("labels_mismatch", f"{len(names)} labels, the head has {width} outputs")
     return names
+
+
+# --- export ------------------------------------------------------------------------------------------------
+
+_EXPORT_ACTIVATIONS = {Activation.SWISH: "swish", Activation.RELU: "relu", Activation.GELU: "gelu"}
+_EXPORT_HEADS = {"classification": "classification", "regression": "classification",
+                 "multilabel": "multilabel_classification", "token-classification": "tagging",
+                 "qa": "question_answering"}
+
+
+def export_adapterhub(manifest: Manifest, tensors: Mapping[str, torch.Tensor], name: str) -> dict[str, bytes]:
+    """One of our bundles as an AdapterHub adapter folder (`load_adapter(folder)` in `adapters` 1.x loads it
+    and predicts the same): {file name: bytes}. Refused where AdapterHub has no exact equivalent: LoRA tasks,
+    task LayerNorms, head-only tasks, mean-pooled sequence heads (AdapterHub's read the first token)."""
+    from safetensors.torch import save as st_save
+
+    if manifest.adapter is None:
+        raise _fail("only bottleneck-adapter tasks export to AdapterHub (this one has "
+                    f"{'LoRA' if manifest.lora is not None else 'no adapter'})")
+    cfg = manifest.adapter
+    if cfg.train_layernorm:
+        raise _fail("task-specific LayerNorms have no AdapterHub equivalent")
+    kind = manifest.kind
+    if kind.sequence_level and manifest.head.pooling != "cls":
+        raise _fail(f"a sequence head pooling by {manifest.head.pooling!r} has no AdapterHub equivalent (its heads "
+                    "read the first token): train with --pooling cls to export")
+    if manifest.kind.name not in _EXPORT_HEADS:
+        raise _fail(f"head type {manifest.kind.name!r} has no AdapterHub equivalent")
+    d, m, layers = manifest.backbone.hidden_size, cfg.bottleneck, manifest.backbone.num_layers
+    prefix = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "electra": "electra"}.get(
+        manifest.backbone.model_type)
+    if prefix is None:
+        raise _fail(f"exporting for {manifest.backbone.model_type!r} is not supported (BERT, RoBERTa, ELECTRA)")
+    points = {"attn": "attention.output", "ffn": "output"}
+    weights: dict[str, torch.Tensor] = {}
+    for layer in range(layers):
+        for point in cfg.points:
+            base = f"{prefix}.encoder.layer.{layer}.{points[point]}.adapters.{name}"
+            weights[f"{base}.adapter_down.0.weight"] = tensors[adapter_key(layer, point, "down.weight")].T.contiguous()
+            weights[f"{base}.adapter_down.0.bias"] = tensors[adapter_key(layer, point, "down.bias")].contiguous()
+            weights[f"{base}.adapter_up.weight"] = tensors[adapter_key(layer, point, "up.weight")].T.contiguous()
+            weights[f"{base}.adapter_up.bias"] = tensors[adapter_key(layer, point, "up.bias")].contiguous()
+    rf = d / m
+    if int(d // rf) != m:  # AdapterHub computes m = int(d // reduction_factor)
+        raise _fail(f"a bottleneck of {m} on hidden size {d} has no reduction factor AdapterHub maps back to {m}")
+    config = {"mh_adapter": cfg.placement is Placement.HOULSBY, "output_adapter": True, "reduction_factor": rf,
+              "non_linearity": _EXPORT_ACTIVATIONS[cfg.activation], "original_ln_before": False,
+              "original_ln_after": True, "residual_before_ln": True, "adapter_residual_before_ln": False,
+              "ln_before": False, "ln_after": False, "is_parallel": False, "scaling": 1.0, "use_gating": False,
+              "init_weights": "bert", "leave_out": [], "dropout": 0.0}
+    meta = {"config": config, "hidden_size": d, "model_class": f"{prefix.capitalize()}AdapterModel",
+            "model_name": manifest.backbone.id, "model_type": manifest.backbone.model_type, "name": name,
+            "version": "adapters.1.3.0"}
+    head_kind = _EXPORT_HEADS[kind.name]
+    two_layers = "head.dense.weight" in tensors
+    # the keys each AdapterHub head class takes (its __init__), as `save_adapter` writes them
+    head_cfg: dict[str, Any] = {"head_type": head_kind, "num_labels": 2 if kind.question_answering else
+                                manifest.output_size(), "layers": 2 if two_layers else 1,
+                                "activation_function": "tanh", "dropout_prob": None}
+    names = manifest.labels or [f"LABEL_{i}" for i in range(head_cfg["num_labels"])]
+    head_cfg["label2id"] = {label: i for i, label in enumerate(names)}
+    if kind.sequence_level:
+        head_cfg |= {"use_pooler": False, "bias": True}
+    # nn.Sequential indices: [dropout, linear] or [dropout, linear (dense), tanh, dropout, linear (out)]
+    linear = {1: "head.dense", 4: "head.out"} if two_layers else {1: "head.out"}
+    head_weights = {f"heads.{name}.{i}.{part}": tensors[f"{ours}.{part}"] for i, ours in linear.items()
+                    for part in ("weight", "bias")}
+    head_meta = {"config": head_cfg, "hidden_size": d, "model_class": meta["model_class"],
+                 "model_name": manifest.backbone.id, "model_type": manifest.backbone.model_type, "name": name,
+                 "version": "adapters.1.3.0"}
+    return {CONFIG_FILE: json.dumps(meta, indent=2).encode(), WEIGHTS_FILE: st_save(weights),
+            HEAD_CONFIG_FILE: json.dumps(head_meta, indent=2).encode(),
+            HEAD_WEIGHTS_FILE: st_save({k: v.contiguous().float() for k, v in head_weights.items()})}

