@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,7 @@ SERVED = {
     "ffn-only-multilabel": (_bn(mh_adapter=False, reduction_factor=4), "multilabel", 3, HeadType.MULTILABEL),
     "houlsby-tagging": ("double_seq_bn", "tagging", 5, HeadType.TOKEN_CLASSIFICATION),
     "houlsby-qa": ("double_seq_bn", "qa", 2, HeadType.QA),
+    "roberta-houlsby-cls": ("double_seq_bn", "classification", 3, HeadType.CLASSIFICATION),  # on tiny RoBERTa
 }
 REFUSED = {  # name: (adapter config, words of the refusal)
     "pfeiffer": ("seq_bn", "Pfeiffer wiring"),
@@ -65,27 +67,35 @@ REFUSED = {  # name: (adapter config, words of the refusal)
 def library(tiny_model_dirs, tmp_path_factory):
     """The peer virtualenv (built when missing) has produced every case's folder and expected logits."""
     python = f"{PEER_VENV}/bin/python"
-    probe = subprocess.run([python, "-c", "import adapters"], capture_output=True)
-    if probe.returncode != 0:
+    ready = Path(python).exists() and subprocess.run([python, "-c", "import adapters"],
+                                                     capture_output=True).returncode == 0
+    if not ready:
         built = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=900)
         assert built.returncode == 0, f"could not build the AdapterHub venv:\n{built.stdout[-2000:]}{built.stderr[-2000:]}"
-    backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32")
-    engine = Engine(backbone, LocalAdapterStore(tmp_path_factory.mktemp("probe")), cache_max_slots=1)
-    cases = {}
-    for name, (config, head, n, _kind) in {**SERVED, **{k: (c, "classification", 2, None)
-                                                        for k, (c, _) in REFUSED.items()}}.items():
-        qa = head == "qa"
-        rows = engine.encoder.encode(TEXTS, CONTEXTS if qa else None, qa=qa)
-        cases[name] = {"config": config, "head": head, "labels": n,
-                       "rows": [{"input_ids": list(r.input_ids), "token_type_ids": list(r.token_type_ids or [])
-                                 or None} for r in rows]}
     out = tmp_path_factory.mktemp("adapterhub")
-    (out / "cases.json").write_text(json.dumps(cases))
-    made = subprocess.run([python, str(REPO / "tests" / "peers" / "adapterhub_reference.py"),
-                           str(tiny_model_dirs["bert"]), str(out / "folders"), str(out / "cases.json")],
-                          capture_output=True, text=True, timeout=600)
-    assert made.returncode == 0, made.stderr[-3000:]
-    return {name: {p.name: p.read_bytes() for p in (out / "folders" / name).iterdir()} for name in cases}
+    every = {**SERVED, **{k: (c, "classification", 2, None) for k, (c, _) in REFUSED.items()}}
+    for arch in ("bert", "roberta"):
+        backbone = load_backbone(str(tiny_model_dirs[arch]), device="cpu", dtype="float32")
+        engine = Engine(backbone, LocalAdapterStore(tmp_path_factory.mktemp("probe")), cache_max_slots=1)
+        cases = {}
+        for name, (config, head, n, _kind) in every.items():
+            if _arch(name) != arch:
+                continue
+            qa = head == "qa"
+            rows = engine.encoder.encode(TEXTS, CONTEXTS if qa else None, qa=qa)
+            cases[name] = {"config": config, "head": head, "labels": n,
+                           "rows": [{"input_ids": list(r.input_ids),
+                                     "token_type_ids": list(r.token_type_ids or []) or None} for r in rows]}
+        (out / f"cases-{arch}.json").write_text(json.dumps(cases))
+        made = subprocess.run([python, str(REPO / "tests" / "peers" / "adapterhub_reference.py"),
+                               str(tiny_model_dirs[arch]), str(out / "folders"), str(out / f"cases-{arch}.json")],
+                              capture_output=True, text=True, timeout=600)
+        assert made.returncode == 0, made.stderr[-3000:]
+    return {name: {p.name: p.read_bytes() for p in (out / "folders" / name).iterdir()} for name in every}
+
+
+def _arch(case: str) -> str:
+    return "roberta" if case.startswith("roberta-") else "bert"
 
 
 def _labels(kind: HeadType) -> list[str] | None:
@@ -98,7 +108,7 @@ def test_an_imported_adapterhub_adapter_predicts_what_the_library_predicts(libra
                                                                           case, packing):
     _, _, _, kind = SERVED[case]
     files = library[case]
-    backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32")
+    backbone = load_backbone(str(tiny_model_dirs[_arch(case)]), device="cpu", dtype="float32")
     store = LocalAdapterStore(tmp_path / "store")
     store.put(case, import_folder(files, case, backbone, _labels(kind)))
     manifest = store.get_info(case, 1).manifest
@@ -111,7 +121,7 @@ def test_an_imported_adapterhub_adapter_predicts_what_the_library_predicts(libra
     bundle = decode_bundle(store.get_bytes(case, 1), backbone=None, max_bytes=2**26)
     head_only = {k: v for k, v in bundle.tensors.items() if k.startswith("head.")}
     plain.put(case, encode_bundle(manifest.model_copy(update={"adapter": None}), head_only))
-    (no_adapter,) = Engine(load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32"), plain,
+    (no_adapter,) = Engine(load_backbone(str(tiny_model_dirs[_arch(case)]), device="cpu", dtype="float32"), plain,
                            cache_max_slots=1).run([RowRequest(case, 1, rows[1])], keep_logits=True)
     for res, want in zip(results, expected):
         want = torch.tensor(want).reshape(res.logits.shape)
@@ -119,20 +129,40 @@ def test_an_imported_adapterhub_adapter_predicts_what_the_library_predicts(libra
     assert (no_adapter.logits - results[1].logits).abs().max() > 1e-3
 
 
-def test_an_adapterhub_task_in_a_mixed_batch_equals_each_row_alone(library, tiny_model_dirs, tmp_path):
+def test_one_mixed_batch_of_an_adapterhub_a_peft_lora_and_a_native_task_equals_each_row_alone(
+        library, tiny_model_dirs, tmp_path):
+    """One forward holding an imported AdapterHub task, an imported PEFT LoRA task, a native task and plain
+    rows: every row equals the same row run alone, in every strategy and packing mode, and the imported ones
+    equal their libraries' own logits."""
+    from peft import TaskType
+
+    from tests.unit.test_peft_import import _peft_logits, _peft_model, _saved
+
     backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32")
     store = LocalAdapterStore(tmp_path / "store")
-    for case in ("houlsby-cls", "ffn-only-multilabel"):
-        store.put(case, import_folder(library[case], case, backbone))
+    store.put("adapterhub", import_folder(library["houlsby-cls"], "adapterhub", backbone))
+    lora = _peft_model(tiny_model_dirs["bert"], TaskType.SEQ_CLS, 2, dict(r=4, lora_alpha=8,
+                                                                        target_modules=["query", "value"]))
+    store.put("lora", import_folder(_saved(lora, tmp_path / "lora"), "lora", backbone))
     native = make_manifest(backbone.ref, task="native", head_type=HeadType.CLASSIFICATION)
     store.put("native", encode_bundle(native, random_tensors(native, seed=3, std=0.2)))
-    engine = Engine(backbone, store, cache_max_slots=4, strategy="gather")
-    requests = [RowRequest(t, 1, r) for t in ("houlsby-cls", "native", "ffn-only-multilabel")
-                for r in engine.encode(store.get_info(t, 1).manifest, TEXTS)]
-    requests = requests[::2] + requests[1::2]
-    for req, got in zip(requests, engine.run(requests, keep_logits=True)):
-        (alone,) = engine.run([req], keep_logits=True)
-        assert torch.allclose(got.logits, alone.logits, atol=ATOL), req.task
+    expected = json.loads(library["houlsby-cls"]["expected.json"])["logits"]
+    for strategy in ("segment", "gather"):
+        for packing in ("on", "off"):
+            engine = Engine(load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32"), store,
+                            cache_max_slots=4, strategy=strategy, packing=packing)
+            requests = [RowRequest(t, 1, r) for t in ("adapterhub", "lora", "native")
+                        for r in engine.encode(store.get_info(t, 1).manifest, TEXTS)]
+            requests += [RowRequest(None, 0, r) for r in engine.encode(None, TEXTS[:2])]
+            requests = requests[::3] + requests[1::3] + requests[2::3]  # tasks interleaved
+            for req, got in zip(requests, engine.run(requests, keep_logits=True)):
+                (alone,) = engine.run([req], keep_logits=True)
+                assert torch.allclose(got.logits, alone.logits, atol=ATOL), (strategy, packing, req.task)
+                if req.task == "lora":
+                    assert torch.allclose(got.logits, _peft_logits(lora, req.row), atol=ATOL)
+                if req.task == "adapterhub":
+                    want = torch.tensor(expected[TEXTS.index(req.row.text)])
+                    assert torch.allclose(got.logits, want, atol=ATOL)
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
