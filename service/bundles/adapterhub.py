@@ -7,13 +7,13 @@ a head `head_config.json` plus `model_head.safetensors` (or `pytorch_model_head.
 `...adapter_up.weight` [d, m] (+ bias), and `.output.adapters.` for the feed-forward point; heads are
 `heads.<name>.<index>.weight` in the head's `nn.Sequential` (dropout, linear, activation, dropout, linear).
 
-Served exactly: the sequential bottleneck as Houlsby placed it (`double_seq_bn`, and any config with the same
-wiring: adapter on the projection's output, its own residual, then the layer's residual and LayerNorm:
-`original_ln_before: false, original_ln_after: true, residual_before_ln: true, adapter_residual_before_ln:
-false`, no adapter LayerNorms, no gating), on the attention point, the feed-forward point or both, with
-`leave_out` layers (zero adapters there), any reduction factor, swish/relu/gelu, and a numeric `scaling`
-(multiplied into the up-projection). Refused with a message naming it: the Pfeiffer wiring (`seq_bn`: its
-adapter reads the LayerNorm of the sub-layer's output), parallel adapters, Compacter/PHM, gating, adapter
+Served exactly: the two sequential bottleneck wirings (`original_ln_after: true, residual_before_ln: true,
+adapter_residual_before_ln: false`, no adapter LayerNorms, no gating): Houlsby's (`double_seq_bn`:
+`original_ln_before: false`, the adapter reads the projection's output h: LN(h + adapter(h) + x)) and
+Pfeiffer's (`seq_bn`: `original_ln_before: true`, the adapter reads LN(z), z = h + x: LN(z + adapter(LN(z))),
+`AdapterConfig.reads = "normed"`), on the attention point, the feed-forward point or both, with `leave_out`
+layers (zero adapters there), any reduction factor, swish/relu/gelu, and a numeric `scaling` (multiplied into
+the up-projection). Refused with a message naming it: parallel adapters, Compacter/PHM, gating, adapter
 LayerNorms, learned scaling, and prefix tuning, LoRA, IA3, fusion or stacks.
 
 Heads: classification (regression when it has one label), multi-label classification, tagging and
@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import ValidationError
@@ -42,11 +42,9 @@ HEAD_WEIGHTS_FILE = "model_head.safetensors"
 PICKLED = {"pytorch_adapter.bin": WEIGHTS_FILE, "pytorch_model_head.bin": HEAD_WEIGHTS_FILE}
 """AdapterHub's default (pickled) file names and the safetensors names they stand for."""
 
-_REQUIRED = {"original_ln_before": False, "original_ln_after": True, "residual_before_ln": True,
-             "adapter_residual_before_ln": False, "ln_before": False, "ln_after": False, "is_parallel": False,
+_REQUIRED = {"original_ln_after": True, "residual_before_ln": True, "adapter_residual_before_ln": False, "ln_before": False, "ln_after": False, "is_parallel": False,
              "phm_layer": False, "use_gating": False, "cross_adapter": False, "inv_adapter": None}
-_WHY = {"original_ln_before": "the Pfeiffer wiring (seq_bn: the adapter reads the sub-layer's LayerNorm)",
-        "is_parallel": "parallel adapters", "phm_layer": "Compacter / PHM layers", "use_gating": "gated adapters",
+_WHY = {"is_parallel": "parallel adapters", "phm_layer": "Compacter / PHM layers", "use_gating": "gated adapters",
         "ln_before": "adapter LayerNorms", "ln_after": "adapter LayerNorms", "inv_adapter": "invertible adapters",
         "cross_adapter": "cross-attention adapters"}
 _ACTIVATIONS = {"swish": Activation.SWISH, "silu": Activation.SWISH, "relu": Activation.RELU,
@@ -85,14 +83,15 @@ def _tensors(raw: bytes, name: str) -> dict[str, torch.Tensor]:
         raise BundleInvalid("not_safetensors", f"{name} is not a valid safetensors file: {exc}") from None
 
 
-def _adapter_config(cfg: Mapping[str, Any], backbone: BackboneRef) -> tuple[Activation, float, set[int]]:
+def _adapter_config(cfg: Mapping[str, Any], backbone: BackboneRef,
+                    ) -> tuple[Activation, float, set[int], Literal["projection", "normed"]]:
     arch = cfg.get("architecture")
     if arch not in (None, "bottleneck"):
         raise _fail(f"AdapterHub architecture {arch!r} is not supported: only bottleneck adapters are imported")
     for key, want in _REQUIRED.items():
         if cfg.get(key, want) != want:
-            raise _fail(f"{_WHY.get(key, key)} ({key}={cfg.get(key)!r}) is not supported: only the Houlsby wiring "
-                        "(double_seq_bn) is served exactly")
+            raise _fail(f"{_WHY.get(key, key)} ({key}={cfg.get(key)!r}) is not supported: only the sequential "
+                        "wirings of double_seq_bn and seq_bn are served exactly")
     act = str(cfg.get("non_linearity", "relu")).lower()
     if act not in _ACTIVATIONS:
         raise _fail(f"non_linearity {act!r} is not supported (one of {sorted(_ACTIVATIONS)})")
@@ -102,7 +101,8 @@ def _adapter_config(cfg: Mapping[str, Any], backbone: BackboneRef) -> tuple[Acti
     leave_out = cfg.get("leave_out") or []
     if not isinstance(leave_out, list) or not all(isinstance(x, int) for x in leave_out):
         raise BundleInvalid("bad_adapterhub_config", f"leave_out must be a list of layer indices, got {leave_out!r}")
-    return _ACTIVATIONS[act], float(scaling), {x % backbone.num_layers for x in leave_out}
+    reads: Literal["projection", "normed"] = "normed" if cfg.get("original_ln_before", False) else "projection"
+    return _ACTIVATIONS[act], float(scaling), {x % backbone.num_layers for x in leave_out}, reads
 
 
 def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: BackboneRef,
@@ -113,7 +113,7 @@ def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: Backb
     if meta.get("hidden_size") not in (None, backbone.hidden_size):
         raise BundleInvalid("hidden_size_mismatch", f"the adapter is for hidden size {meta['hidden_size']}, the "
                             f"backbone's is {backbone.hidden_size}")
-    activation, scaling, leave_out = _adapter_config(cfg, backbone)
+    activation, scaling, leave_out, reads = _adapter_config(cfg, backbone)
     if WEIGHTS_FILE not in files:
         raise BundleInvalid("missing_file", f"{WEIGHTS_FILE} missing (pickled {next(iter(PICKLED))} is read by "
                             "the local CLI only)")
@@ -138,7 +138,7 @@ def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: Backb
     m_width = next(iter(parts.values()))["down.weight"].shape[0]
     d = backbone.hidden_size
     placement = Placement.PFEIFFER if points == {"ffn"} else Placement.HOULSBY
-    adapter = AdapterConfig(placement=placement, bottleneck=m_width, activation=activation)
+    adapter = AdapterConfig(placement=placement, bottleneck=m_width, activation=activation, reads=reads)
     tensors: dict[str, torch.Tensor] = {}
     for layer in range(backbone.num_layers):
         for point in adapter.points:
@@ -277,7 +277,7 @@ def export_adapterhub(manifest: Manifest, tensors: Mapping[str, torch.Tensor], n
     if int(d // rf) != m:  # AdapterHub computes m = int(d // reduction_factor)
         raise _fail(f"a bottleneck of {m} on hidden size {d} has no reduction factor AdapterHub maps back to {m}")
     config = {"mh_adapter": cfg.placement is Placement.HOULSBY, "output_adapter": True, "reduction_factor": rf,
-              "non_linearity": _EXPORT_ACTIVATIONS[cfg.activation], "original_ln_before": False,
+              "non_linearity": _EXPORT_ACTIVATIONS[cfg.activation], "original_ln_before": cfg.reads == "normed",
               "original_ln_after": True, "residual_before_ln": True, "adapter_residual_before_ln": False,
               "ln_before": False, "ln_after": False, "is_parallel": False, "scaling": 1.0, "use_gating": False,
               "init_weights": "bert", "leave_out": [], "dropout": 0.0}

@@ -49,13 +49,16 @@ def encode_bundle(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> bytes
 
 def manifest_json(manifest: Manifest) -> str:
     """The manifest as stored in a bundle. Fields added after format 1 shipped are written only when they
-    differ from their defaults, so a replica that predates them still reads every bundle that does not use
-    them (a rolling upgrade); `backbone.intermediate_size` only where LoRA on the feed-forward needs it."""
+    differ from their defaults (lora, token_type_ids, adapter.reads), so a replica that predates them still
+    reads every bundle that does not use them (a rolling upgrade); `backbone.intermediate_size` only where
+    LoRA on the feed-forward needs it."""
     data = json.loads(manifest.model_dump_json())
     if manifest.lora is None:
         data.pop("lora", None)
     if manifest.token_type_ids:
         data.pop("token_type_ids", None)
+    if manifest.adapter is not None and manifest.adapter.reads == "projection":
+        data["adapter"].pop("reads", None)
     if manifest.lora is None or not {"ffn_in", "ffn_out"} & set(manifest.lora.targets):
         data["backbone"].pop("intermediate_size", None)
     return json.dumps(data, separators=(",", ":"))

@@ -52,6 +52,17 @@ class AdapterConfig(BaseModel):
     bottleneck: int = Field(64, ge=1, le=4096, description="m, the bottleneck width")
     activation: Activation = Activation.GELU
     train_layernorm: bool = Field(False, description="task-specific LayerNorm after each adapted sublayer")
+    reads: Literal["projection", "normed"] = Field(
+        "projection", description="what the adapter reads at a point: the sub-layer's output projection h "
+        "(Houlsby et al.: LN(h + adapter(h) + x), x the sub-layer's input), or that output after the residual "
+        "add and the sub-layer's LayerNorm (AdapterHub's seq_bn wiring: LN(z + adapter(LN(z))), z = h + x)")
+
+    @model_validator(mode="after")
+    def _normed_has_no_task_norm(self) -> AdapterConfig:
+        if self.reads == "normed" and self.train_layernorm:
+            raise ValueError("an adapter reading the LayerNorm's output uses the backbone's LayerNorm: "
+                             "train_layernorm must be false")
+        return self
 
     @property
     def points(self) -> tuple[str, ...]:

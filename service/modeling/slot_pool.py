@@ -83,6 +83,7 @@ class SlotSpec:
     activation: Activation
     points: frozenset[str]
     has_norm: bool
+    normed: bool = False  # reads the sub-layer's LayerNorm output (AdapterConfig.reads), applied by RoutedLayerNorm
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ class Routing:
     real_places: torch.Tensor | None = None  # [n] long: the places of [k * L] that hold a real token
     real_tokens: torch.Tensor | None = None  # [n] long: the token at each of those places
     lora_slots: frozenset[int] = frozenset()  # the slots in this batch that hold LoRA tasks
+    normed_slots: frozenset[int] = frozenset()  # the slots whose adapters read the LayerNorm output
+    adapter_row_slots: torch.Tensor | None = None  # padded gather: row_slots with normed slots as 0 (None: same)
 
     @property
     def any_adapter(self) -> bool:
@@ -145,6 +148,7 @@ class SlotPool:
         # slot -> per point p: (down_w [d,m], down_b [m], up_w [m,d], up_b [d], activation) views, or None
         # where the slot has no adapter. Built at write time so the hot path does no tensor indexing.
         self._views: dict[int, list[SlotView | None]] = {}
+        self._normed_views: dict[int, list[SlotView | None]] = {}  # the same, for adapters reading the norm output
         # Forwards hold it shared (several may run at once: each reads only its own pinned slots); a
         # capacity growth, which replaces the pool tensors, takes it exclusive.
         self.lock = SharedExclusiveLock()
@@ -195,8 +199,8 @@ class SlotPool:
             if cfg.train_layernorm:
                 self.norm_w[:, slot].index_copy_(0, idx, stacked("norm.weight"))
                 self.norm_b[:, slot].index_copy_(0, idx, stacked("norm.bias"))
-            spec = SlotSpec(m, cfg.activation, frozenset(cfg.points), cfg.train_layernorm)
-            self._views[slot] = self._slot_views(slot, spec)
+            spec = SlotSpec(m, cfg.activation, frozenset(cfg.points), cfg.train_layernorm, cfg.reads == "normed")
+            (self._normed_views if spec.normed else self._views)[slot] = self._slot_views(slot, spec)
             self.specs[slot] = spec
 
     def write_lora(self, slot: int, cfg: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -224,6 +228,7 @@ class SlotPool:
         """Mark `slot` free of any adapter (its stale weights are zeroed by the next write or `clear`)."""
         self.specs.pop(slot, None)
         self._views.pop(slot, None)
+        self._normed_views.pop(slot, None)
         self.lora.forget(slot)
 
     def _slot_views(self, slot: int, spec: SlotSpec) -> list[SlotView | None]:
@@ -251,7 +256,9 @@ class SlotPool:
         self.down_b = F.pad(self.down_b, (0, extra))
         self.up_w = F.pad(self.up_w, (0, 0, 0, extra))
         # a copy: an eviction may `forget` a slot meanwhile (it takes no write lock)
-        self._views = {slot: self._slot_views(slot, spec) for slot, spec in list(self.specs.items())}
+        specs = list(self.specs.items())
+        self._views = {slot: self._slot_views(slot, spec) for slot, spec in specs if not spec.normed}
+        self._normed_views = {slot: self._slot_views(slot, spec) for slot, spec in specs if spec.normed}
 
     # --- routing -------------------------------------------------------------------------------
 
@@ -264,11 +271,14 @@ class SlotPool:
         With the rows' token `lengths`, the segment strategy computes adapters on real tokens only when
         padding exceeds `1 - pack_below` of the batch (pad positions never reach a real token: attention
         masks them out)."""
-        specs = {s.slot: spec for s in segments if (spec := self.specs.get(s.slot)) is not None}
+        specs, normed = self._batch_specs(segments)
         lora = frozenset(s.slot for s in segments if s.slot in self.lora.targets)
         row_slots = torch.tensor(
             [s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long, device=self.device
         )
+        adapter_rows = None if not normed else torch.tensor(  # projection-time gather: normed slots read zeros
+            [NO_ADAPTER if s.slot in normed else s.slot for s in segments for _ in range(s.stop - s.start)],
+            dtype=torch.long, device=self.device)
         token_index: torch.Tensor | None = None
         bounds: tuple[tuple[int, int], ...] = ()
         if strategy == "segment" and lengths and specs:
@@ -278,7 +288,8 @@ class SlotPool:
                 token_index = token_index.to(self.device)
                 ends = torch.tensor(lengths).cumsum(0).tolist()
                 bounds = tuple((ends[s.start - 1] if s.start else 0, ends[s.stop - 1]) for s in segments)
-        return Routing(tuple(segments), row_slots, specs, strategy, token_index, bounds, lora_slots=lora)
+        return Routing(tuple(segments), row_slots, specs, strategy, token_index, bounds, lora_slots=lora,
+                       normed_slots=normed, adapter_row_slots=adapter_rows)
 
     def routing_packed(self, segments: Sequence[Segment], offsets: Sequence[int], strategy: Strategy,
                        total_tokens: int | None = None, bucket_shapes: bool = False) -> Routing:
@@ -288,7 +299,7 @@ class SlotPool:
         past the segments, up to `total_tokens` (a batch padded to a size bucket), get no adapter.
         `bucket_shapes` rounds the gather layout up to k a multiple of 4 and L of 16, so that batches repeat
         a few matmul shapes (see `Engine.token_bucket`)."""
-        specs = {s.slot: spec for s in segments if (spec := self.specs.get(s.slot)) is not None}
+        specs, normed = self._batch_specs(segments)
         lora = frozenset(s.slot for s in segments if s.slot in self.lora.targets)
         slots = torch.tensor([s.slot for s in segments])
         counts = torch.tensor([offsets[s.stop] - offsets[s.start] for s in segments])
@@ -311,9 +322,16 @@ class SlotPool:
                       "segment_tokens": places.view(-1), "real_places": real,
                       "real_tokens": torch.cat([torch.arange(a, b) for _, a, b in adapted])}
         return Routing(tuple(segments), row_slots.to(self.device), specs, strategy, None, bounds, packed=True,
-                       lora_slots=lora,
+                       lora_slots=lora, normed_slots=normed,
                        token_slots=F.pad(slots.repeat_interleave(counts), (0, pad), value=NO_ADAPTER).to(self.device),
                        **{k: v.to(self.device) for k, v in gather.items()})
+
+    def _batch_specs(self, segments: Sequence[Segment]) -> tuple[dict[int, SlotSpec], frozenset[int]]:
+        """(slot -> spec of the batch's adapters read at the projection, the slots whose adapters read the
+        LayerNorm output instead)."""
+        specs = {s.slot: spec for s in segments if (spec := self.specs.get(s.slot)) is not None}
+        normed = frozenset(slot for slot, spec in specs.items() if spec.normed)
+        return {slot: spec for slot, spec in specs.items() if not spec.normed}, normed
 
     @contextlib.contextmanager
     def route(self, routing: Routing) -> Iterator[None]:
@@ -372,7 +390,8 @@ class SlotPool:
         else:  # in place
             for a, b, (down_w, _, up_w, _, _) in todo:
                 x[a:b].addmm_(z[a:b, : down_w.shape[1]], up_w)
-            h.add_(self.up_b[p].index_select(0, r.row_slots).unsqueeze(1))
+            rows = r.row_slots if r.adapter_row_slots is None else r.adapter_row_slots  # normed slots: no bias here
+            h.add_(self.up_b[p].index_select(0, rows).unsqueeze(1))
         return h
 
     def _apply_packed(self, p: int, h: torch.Tensor, r: Routing) -> torch.Tensor:
@@ -419,12 +438,28 @@ class SlotPool:
         return z
 
     def _apply_gather(self, p: int, h: torch.Tensor, r: Routing) -> torch.Tensor:
-        idx = r.row_slots  # [B]
+        idx = r.row_slots if r.adapter_row_slots is None else r.adapter_row_slots  # [B]
         z = torch.baddbmm(self.down_b[p].index_select(0, idx).unsqueeze(1), h, self.down_w[p].index_select(0, idx))
         z = self._activate(z, r)
         h.baddbmm_(z, self.up_w[p].index_select(0, idx))
         h.add_(self.up_b[p].index_select(0, idx).unsqueeze(1))
         return h
+
+    def apply_normed_adapters(self, p: int, z: torch.Tensor, eps: float, r: Routing) -> torch.Tensor:
+        """z (the sub-layer's output plus its input, rows sorted by slot; [B, T, d] or packed [N, d]) plus, for
+        the rows of slots whose adapters read the LayerNorm output, adapter(LN(z)) with the backbone's
+        LayerNorm: the caller's LayerNorm then gives LN(z + adapter(LN(z))). In place, segment by segment."""
+        d = z.shape[-1]
+        for i, seg in enumerate(r.segments):
+            views = self._normed_views.get(seg.slot)
+            v = views[p] if views is not None else None
+            if v is None:
+                continue
+            down_w, down_b, up_w, up_b, act = v
+            zs = z[r.packed_bounds[i][0] : r.packed_bounds[i][1]] if r.packed else z[seg.start : seg.stop].view(-1, d)
+            a = F.layer_norm(zs, (d,), self._base_norm_w[p], self._base_norm_b[p], eps)
+            zs.add_(torch.addmm(up_b, act(torch.addmm(down_b, a, down_w)), up_w))
+        return z
 
     def apply_norm(self, p: int, x: torch.Tensor, eps: float, r: Routing) -> torch.Tensor:
         """LayerNorm with each row's slot's affine parameters (the backbone's own where a task has none)."""
@@ -467,6 +502,8 @@ class RoutedLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self._pool[0].current()
+        if r is not None and r.normed_slots:
+            x = self._pool[0].apply_normed_adapters(self.p, x, self.base.eps, r)
         if r is None or not r.any_norm:
             y: torch.Tensor = self.base(x)
             return y

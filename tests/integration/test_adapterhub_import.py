@@ -55,9 +55,11 @@ SERVED = {
     "houlsby-tagging": ("double_seq_bn", "tagging", 5, HeadType.TOKEN_CLASSIFICATION),
     "houlsby-qa": ("double_seq_bn", "qa", 2, HeadType.QA),
     "roberta-houlsby-cls": ("double_seq_bn", "classification", 3, HeadType.CLASSIFICATION),  # on tiny RoBERTa
+    "pfeiffer-seq-bn": ("seq_bn", "classification", 2, HeadType.CLASSIFICATION),  # the adapter reads LN(z)
+    "pfeiffer-both-tagging": (_bn(original_ln_before=True, reduction_factor=8, non_linearity="gelu"), "tagging", 5,
+                              HeadType.TOKEN_CLASSIFICATION),
 }
 REFUSED = {  # name: (adapter config, words of the refusal)
-    "pfeiffer": ("seq_bn", "Pfeiffer wiring"),
     "parallel": ("par_bn", "parallel adapters"),
     "compacter": ("compacter[reduction_factor=4]", "Compacter"),
 }
@@ -244,13 +246,15 @@ def test_a_shipped_task_exported_to_adapterhub_predicts_the_same_there(library, 
         assert torch.allclose(res.logits, want.reshape(res.logits.shape), atol=ATOL), (res.logits - want).abs().max()
 
 
-def test_an_exported_classifier_round_trips_and_mean_pooled_heads_are_refused(library, tiny_model_dirs, tmp_path):
-    """A classification task with a [CLS] head exports, loads in the library and predicts the same; the
-    shipped sequence tasks (mean-pooled heads) are refused with a message."""
+@pytest.mark.parametrize("case", ["houlsby-relu-scaled", "pfeiffer-seq-bn"])
+def test_an_exported_classifier_round_trips_and_mean_pooled_heads_are_refused(library, tiny_model_dirs, tmp_path,
+                                                                             case):
+    """A classification task with a [CLS] head exports (either wiring), loads in the library and predicts the
+    same; the shipped sequence tasks (mean-pooled heads) are refused with a message."""
     from service.bundles.adapterhub import export_adapterhub
 
     backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32")
-    data = import_folder(library["houlsby-relu-scaled"], "cls2", backbone)  # an imported task: [CLS] head
+    data = import_folder(library[case], "cls2", backbone)  # an imported task: [CLS] head
     bundle = decode_bundle(data, backbone=backbone.ref, max_bytes=2**26)
     folder = tmp_path / "cls2"
     folder.mkdir()

@@ -31,6 +31,11 @@ with adapter config (placement, m, act, train_layernorm) and bundle tensors:
 
       y = x @ W^T + b + s * (x @ A) @ B      with A = lora.l.target.A [in, r], B = lora.l.target.B [r, out]
 
+  With `reads: normed` (AdapterHub's seq_bn wiring) the adapter reads the LayerNorm's output instead: the
+  LayerNorm that follows the point computes, for its input z = h + residual,
+
+      LN(z + (act(LN(z) @ D + b_D) @ U + b_U))      (the backbone's own LayerNorm both times)
+
   Head, on the last hidden states H [T, d] of the row (its own tokens only):
   - sequence-level (classification, multilabel, regression):
         v = H[0] (pooling "cls": the first token) or mean_t H[t] (pooling "mean")
@@ -108,6 +113,16 @@ class Oracle:
 
                 down_w, down_b, up_w, up_b = t("down.weight"), t("down.bias"), t("up.weight"), t("up.bias")
                 assert down_w.shape == (manifest.backbone.hidden_size, cfg.bottleneck)
+
+                if cfg.reads == "normed":  # AdapterHub's seq_bn wiring: the LayerNorm gives LN(z + adapter(LN(z)))
+                    def normed_hook(module, inputs, _out, dw=down_w, db=down_b, uw=up_w, ub=up_b):
+                        z = inputs[0]
+                        a = layer_norm(z, module.weight, module.bias, module.eps)
+                        return layer_norm(z + (act(a @ dw + db) @ uw + ub), module.weight, module.bias, module.eps)
+
+                    norm = layer.get_submodule(self.spec.norm(point))
+                    handles.append(norm.register_forward_hook(normed_hook))
+                    continue
 
                 def adapter_hook(module, inputs, h, dw=down_w, db=down_b, uw=up_w, ub=up_b):
                     return h + (act(h @ dw + db) @ uw + ub)

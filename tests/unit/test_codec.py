@@ -268,3 +268,16 @@ def test_bundles_without_lora_keep_the_format_older_replicas_read():
     stored = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["manifest"])
     assert "lora" not in stored and "token_type_ids" not in stored and "intermediate_size" not in stored["backbone"]
     assert decode_bundle(data, backbone=REF, max_bytes=LIMIT).manifest.token_type_ids is True
+
+
+def test_a_normed_adapter_round_trips_and_a_default_one_omits_the_field():
+    import json
+    import struct
+
+    for reads in ("normed", "projection"):
+        m, t = valid(adapter=AdapterConfig(bottleneck=8, reads=reads))
+        data = encode_bundle(m, t)
+        (n,) = struct.unpack("<Q", data[:8])
+        stored = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["manifest"])
+        assert ("reads" in stored["adapter"]) is (reads == "normed")
+        assert decode_bundle(data, backbone=REF, max_bytes=LIMIT).manifest.adapter.reads == reads

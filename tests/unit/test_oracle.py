@@ -39,6 +39,12 @@ TASKS = [
      AdapterConfig(placement="pfeiffer", bottleneck=12, activation="swish", train_layernorm=True), {}),
     ("qa", HeadType.QA, AdapterConfig(bottleneck=8), {}),
     ("headonly", HeadType.CLASSIFICATION, None, {"pooling": "cls"}),
+    # AdapterHub's seq_bn wiring (the adapter reads the LayerNorm's output): the feed-forward point only, and
+    # both points
+    ("normed", HeadType.CLASSIFICATION, AdapterConfig(placement="pfeiffer", bottleneck=8, activation="relu",
+                                                       reads="normed"), {"pooling": "cls"}),
+    ("normed-both", HeadType.TOKEN_CLASSIFICATION, AdapterConfig(bottleneck=6, activation="swish",
+                                                                 reads="normed"), {}),
     # LoRA tasks (as imported from PEFT) in the same batches: query + value at rank 4, and every target at
     # rank 12 (> the LoRA pool's initial rank capacity of 8: the pool grows)
     ("lora-qv", HeadType.CLASSIFICATION, LoraConfig(rank=4, scaling=2.0, targets=("query", "value")),
