@@ -102,7 +102,8 @@ def _adapter_config(cfg: Mapping[str, Any], backbone: BackboneRef,
     if not isinstance(leave_out, list) or not all(isinstance(x, int) for x in leave_out):
         raise BundleInvalid("bad_adapterhub_config", f"leave_out must be a list of layer indices, got {leave_out!r}")
     reads: Literal["projection", "normed"] = "normed" if cfg.get("original_ln_before", False) else "projection"
-    return _ACTIVATIONS[act], float(scaling), {x % backbone.num_layers for x in leave_out}, reads
+    # as the library: a layer is left out when its index is listed (no negative or out-of-range resolution)
+    return _ACTIVATIONS[act], float(scaling), {x for x in leave_out if 0 <= x < backbone.num_layers}, reads
 
 
 def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: BackboneRef,
@@ -184,6 +185,8 @@ def _head(files: Mapping[str, bytes], backbone: BackboneRef, labels: Sequence[st
     if kind not in _HEAD_TYPES:
         raise _fail(f"head type {kind!r} is not supported (one of {sorted(_HEAD_TYPES)})")
     layers = cfg.get("layers", 1)
+    if layers == 2 and kind in ("tagging", "question_answering"):
+        raise _fail(f"a {kind} head with 2 layers is not supported (the service's token heads have one)")
     if layers not in (1, 2) or (layers == 2 and str(cfg.get("activation_function")).lower() != "tanh"):
         raise _fail(f"a {kind} head with {layers} layers and activation {cfg.get('activation_function')!r} is not "
                     "supported (1 layer, or 2 with tanh)")
@@ -213,7 +216,9 @@ def _head(files: Mapping[str, bytes], backbone: BackboneRef, labels: Sequence[st
                                 f"backbone's hidden size is {backbone.hidden_size}")
     width = out["weight"].shape[0]
     label2id = cfg.get("label2id") or {}
-    names = list(labels) if labels is not None else [n for n, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
+    if not isinstance(label2id, dict) or sorted(_as_int(v) for v in label2id.values()) != list(range(len(label2id))):
+        raise BundleInvalid("bad_adapterhub_config", f"label2id must map names to 0..n-1, got {label2id!r}")
+    names = list(labels) if labels is not None else [n for n, _ in sorted(label2id.items(), key=lambda kv: _as_int(kv[1]))]
     if kind == "question_answering":
         return "qa", HeadConfig(), tensors, []
     if kind == "tagging":
@@ -223,6 +228,13 @@ def _head(files: Mapping[str, bytes], backbone: BackboneRef, labels: Sequence[st
         return "regression", head_cfg, tensors, []
     return ("multilabel" if kind == "multilabel_classification" else "classification"), head_cfg, tensors, \
         _check_labels(names, width)
+
+
+def _as_int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise BundleInvalid("bad_adapterhub_config", f"label2id id {value!r} is not an integer") from None
 
 
 def _check_labels(names: list[str], width: int) -> list[str]:

@@ -2,8 +2,9 @@
 
 An archive holds one folder's files (at its top level, or inside one directory). Refused, with a message:
 absolute paths or `..` in member names, links and any other non-regular member, more than `MAX_MEMBERS`
-members, a member or a total past the byte limit (counted while decompressing, so a member that lies about
-its size is caught too), and nested folders. Nothing is written to disk.
+members (directories included), a member or a total past the byte limit (counted while decompressing, so a
+member that lies about its size is caught too; a gzip stream is inflated under a cap before tar reads a
+header), and nested folders. Nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import posixpath
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable
 
 from service.errors import BundleInvalid, BundleTooLarge
@@ -41,15 +43,36 @@ def _safe_name(name: str) -> str:
     return norm
 
 
+HEADER_ALLOWANCE = 1024 * 1024
+"""Bytes a decompressed tar may hold beyond its members' contents (its headers)."""
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """A gzip stream decompressed, refused past `limit` bytes (a small upload can expand a thousandfold)."""
+    inflate = zlib.decompressobj(wbits=31)
+    try:
+        out = inflate.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise _bad(f"not a readable gzip stream ({exc})") from None
+    if len(out) > limit or inflate.unconsumed_tail:
+        raise BundleTooLarge(len(out), limit)
+    return out
+
+
 def read_adapter_archive(data: bytes, *, max_bytes: int) -> dict[str, bytes]:
     """The files of the one folder an archive holds: {file name: bytes}."""
     members: list[tuple[str, bytes]] = []
     total = 0
+    seen = 0
+
+    def count() -> None:
+        nonlocal seen
+        seen += 1
+        if seen > MAX_MEMBERS:
+            raise _bad(f"more than {MAX_MEMBERS} members in the archive")
 
     def add(name: str, read: Callable[[int], bytes], size_hint: int) -> None:
         nonlocal total
-        if len(members) >= MAX_MEMBERS:
-            raise _bad(f"more than {MAX_MEMBERS} files in the archive")
         if size_hint > max_bytes:
             raise BundleTooLarge(size_hint, max_bytes)
         content = read(max_bytes - total + 1)
@@ -62,6 +85,7 @@ def read_adapter_archive(data: bytes, *, max_bytes: int) -> dict[str, bytes]:
         if data[:4] == ZIP_MAGIC:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 for info in zf.infolist():
+                    count()
                     if info.is_dir():
                         _safe_name(info.filename.rstrip("/"))
                         continue
@@ -71,8 +95,10 @@ def read_adapter_archive(data: bytes, *, max_bytes: int) -> dict[str, bytes]:
                     with zf.open(info) as fh:
                         add(info.filename, fh.read, info.file_size)
         else:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
+            raw = _gunzip(data, max_bytes + HEADER_ALLOWANCE) if data[:2] == GZIP_MAGIC else data
+            with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
                 for member in tf:
+                    count()
                     if member.isdir():
                         _safe_name(member.name)
                         continue
@@ -82,8 +108,10 @@ def read_adapter_archive(data: bytes, *, max_bytes: int) -> dict[str, bytes]:
                     if extracted is None:
                         raise _bad(f"archive member {member.name!r} cannot be read")
                     add(member.name, extracted.read, member.size)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
-        raise _bad(f"not a readable zip or tar archive ({exc})") from None
+    except (BundleInvalid, BundleTooLarge):
+        raise
+    except Exception as exc:  # zipfile/tarfile/zlib raise many types on hostile input (encrypted, unknown method)
+        raise _bad(f"not a readable zip or tar archive ({type(exc).__name__}: {exc})") from None
     if not members:
         raise _bad("the archive holds no files")
     folders = {posixpath.dirname(name) for name, _ in members}

@@ -201,6 +201,7 @@ class SlotPool:
                 self.norm_b[:, slot].index_copy_(0, idx, stacked("norm.bias"))
             spec = SlotSpec(m, cfg.activation, frozenset(cfg.points), cfg.train_layernorm, cfg.reads == "normed")
             (self._normed_views if spec.normed else self._views)[slot] = self._slot_views(slot, spec)
+            (self._views if spec.normed else self._normed_views).pop(slot, None)
             self.specs[slot] = spec
 
     def write_lora(self, slot: int, cfg: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -451,7 +452,7 @@ class SlotPool:
         LayerNorm: the caller's LayerNorm then gives LN(z + adapter(LN(z))). In place, segment by segment."""
         d = z.shape[-1]
         for i, seg in enumerate(r.segments):
-            views = self._normed_views.get(seg.slot)
+            views = self._normed_views.get(seg.slot) if seg.slot in r.normed_slots else None
             v = views[p] if views is not None else None
             if v is None:
                 continue

@@ -18,7 +18,7 @@ from service.bundles.adapterhub import convert_adapterhub, is_adapterhub_config
 from service.bundles.codec import decode_bundle, encode_bundle
 from service.bundles.manifest import LORA_TARGETS
 from service.bundles.peft import CONFIG_FILE, WEIGHTS_FILE, convert_peft
-from service.errors import BundleInvalid
+from service.errors import BundleInvalid, ServiceError
 from service.modeling.backbone import Backbone
 
 MAX_IMPORT_BYTES = 512 * 1024 * 1024
@@ -66,6 +66,11 @@ def import_folder(files: Mapping[str, bytes], task: str, backbone: Backbone, lab
     """A PEFT or an AdapterHub adapter folder (told apart by its adapter_config.json) as one bundle."""
     if CONFIG_FILE not in files:
         raise BundleInvalid("missing_file", f"not an adapter folder: {CONFIG_FILE} missing")
-    if is_adapterhub_config(files[CONFIG_FILE]):
-        return import_adapterhub(files, task, backbone, labels)
-    return import_peft(files, task, backbone, labels)
+    try:
+        if is_adapterhub_config(files[CONFIG_FILE]):
+            return import_adapterhub(files, task, backbone, labels)
+        return import_peft(files, task, backbone, labels)
+    except ServiceError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:  # a malformed config or tensor
+        raise BundleInvalid("bad_adapter_folder", f"malformed adapter folder ({type(exc).__name__}: {exc})") from None

@@ -82,6 +82,26 @@ def _zip_with_symlink(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
+def _gzip_bomb() -> bytes:
+    """~40 KB of gzip that inflates to 40 MB (a tar header whose long name is all zeros)."""
+    import gzip
+
+    return gzip.compress(b"\0" * (40 * 1024 * 1024), compresslevel=9)
+
+
+def _directory(name: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info, None
+
+
+def _corrupt_zip(files: dict[str, bytes]) -> bytes:
+    data = bytearray(_zip(files))
+    start = data.index(b"adapter_config.json") + len("adapter_config.json")  # first member's deflate data
+    data[start + 4 : start + 40] = b"\xff" * 36
+    return bytes(data)
+
+
 def _symlink(name: str, target: str) -> tuple[tarfile.TarInfo, None]:
     info = tarfile.TarInfo(name)
     info.type, info.linkname = tarfile.SYMTYPE, target
@@ -111,6 +131,10 @@ def _symlink(name: str, target: str) -> tuple[tarfile.TarInfo, None]:
     ("oversize member", lambda f: _zip({**f, "README.md": b"x" * (3 * 1024 * 1024)}), {"task": "t"}, 413, ""),
     ("not an archive", lambda f: b"PK\x03\x04" + b"\x00" * 64, {"task": "t"}, 422, "not a readable zip"),
     ("form fields with a bundle", None, {"task": "t"}, 422, "for adapter archives"),
+    ("gzip bomb", lambda f: _gzip_bomb(), {"task": "t"}, 413, ""),
+    ("many directories", lambda f: _tar([_directory(f"d{i}/") for i in range(40)]), {"task": "t"}, 422,
+     "more than 32 members"),
+    ("corrupt deflate data", lambda f: _corrupt_zip(f), {"task": "t"}, 422, "not a readable"),
 ])
 async def test_unsafe_or_malformed_archives_are_refused_and_change_nothing(client, peft_folder, what, build, form,
                                                                             status, message):

@@ -272,3 +272,21 @@ def test_an_exported_classifier_round_trips_and_mean_pooled_heads_are_refused(li
     sst2 = decode_bundle(shipped.get_bytes("sst2", shipped.get_active("sst2")), backbone=None, max_bytes=2**26)
     with pytest.raises(BundleInvalid, match="pooling by 'mean' has no AdapterHub equivalent"):
         export_adapterhub(sst2.manifest, sst2.tensors, "sst2")
+
+
+def _head_config_with(files: dict[str, bytes], **changes) -> dict[str, bytes]:
+    meta = json.loads(files["head_config.json"])
+    meta["config"].update(changes)
+    return {**files, "head_config.json": json.dumps(meta).encode()}
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"label2id": ["a", "b"]}, "label2id must map names"),
+    ({"label2id": {"a": "x", "b": 1, "c": 2}}, "not an integer"),
+    ({"head_type": ["classification"]}, "malformed adapter folder|head type"),
+    ({"layers": 3}, "3 layers"),
+])
+def test_malformed_adapterhub_head_configs_are_refused_not_crashed(library, tiny_model_dirs, changes, message):
+    backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32")
+    with pytest.raises(BundleInvalid, match=message):
+        import_folder(_head_config_with(dict(library["houlsby-cls"]), **changes), "t", backbone)
