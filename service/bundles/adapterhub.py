@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load as st_load
 
+from service.bundles.codec import manifest_invalid, read_float_tensors
 from service.bundles.layout import adapter_key
 from service.bundles.manifest import Activation, AdapterConfig, BackboneRef, HeadConfig, Manifest, Placement
 from service.errors import BundleInvalid
@@ -76,13 +76,6 @@ def _json(raw: bytes, name: str) -> dict[str, Any]:
     return data
 
 
-def _tensors(raw: bytes, name: str) -> dict[str, torch.Tensor]:
-    try:
-        return {k: v.float() for k, v in st_load(raw).items()}
-    except Exception as exc:  # safetensors raises its own error types on corrupt files
-        raise BundleInvalid("not_safetensors", f"{name} is not a valid safetensors file: {exc}") from None
-
-
 def _adapter_config(cfg: Mapping[str, Any], backbone: BackboneRef,
                     ) -> tuple[Activation, float, set[int], Literal["projection", "normed"]]:
     arch = cfg.get("architecture")
@@ -120,7 +113,7 @@ def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: Backb
                             "the local CLI only)")
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     names: set[str] = set()
-    for key, value in _tensors(files[WEIGHTS_FILE], WEIGHTS_FILE).items():
+    for key, value in read_float_tensors(files[WEIGHTS_FILE], WEIGHTS_FILE).items():
         m = _KEY.match(key)
         if m is None:
             raise _fail(f"weights the service cannot serve: {key}")
@@ -166,8 +159,7 @@ def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: Backb
                             training={"imported_from": "adapterhub", "adapters_version": meta.get("version"),
                                       "adapter_name": meta.get("name"), "config": cfg})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise BundleInvalid("bad_manifest", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise manifest_invalid(exc) from None
     return manifest, {**tensors, **head_tensors}
 
 
@@ -195,7 +187,7 @@ def _head(files: Mapping[str, bytes], backbone: BackboneRef, labels: Sequence[st
     if HEAD_WEIGHTS_FILE not in files:
         raise BundleInvalid("missing_file", f"{HEAD_WEIGHTS_FILE} missing (pickled pytorch_model_head.bin is read "
                             "by the local CLI only)")
-    weights = _tensors(files[HEAD_WEIGHTS_FILE], HEAD_WEIGHTS_FILE)
+    weights = read_float_tensors(files[HEAD_WEIGHTS_FILE], HEAD_WEIGHTS_FILE)
     by_index: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         m = re.match(r"^heads\.[^.]+\.(\d+)\.(weight|bias)$", key)

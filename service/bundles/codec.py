@@ -47,6 +47,21 @@ def encode_bundle(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> bytes
     return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
 
 
+def manifest_invalid(exc: ValidationError) -> BundleInvalid:
+    """A manifest that does not validate, as the refusal naming its first bad field."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return BundleInvalid("bad_manifest", f"manifest field '{where}': {first['msg']}")
+
+
+def read_float_tensors(raw: bytes, name: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of adapter weights (another library's, being imported) as float32 tensors."""
+    try:
+        return {k: v.float() for k, v in st_load(raw).items()}
+    except Exception as exc:  # safetensors raises its own error types on corrupt files
+        raise BundleInvalid("not_safetensors", f"{name} is not a valid safetensors file: {exc}") from None
+
+
 def manifest_json(manifest: Manifest) -> str:
     """The manifest as stored in a bundle. Fields added after format 1 shipped are written only when they
     differ from their defaults (lora, token_type_ids, adapter.reads), so a replica that predates them still
@@ -182,9 +197,7 @@ def _parse_manifest(header: dict[str, Any]) -> Manifest:
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BundleInvalid("bad_manifest", f"manifest field '{where}': {first['msg']}") from None
+        raise manifest_invalid(exc) from None
     problem = label_problem(manifest)
     if problem:
         raise BundleInvalid("bad_labels", problem)

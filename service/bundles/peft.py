@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load as st_load
 
+from service.bundles.codec import read_float_tensors
 from service.bundles.layout import lora_key, lora_shapes
 from service.bundles.manifest import BackboneRef, HeadConfig, LoraConfig, Manifest
 from service.errors import BundleInvalid
@@ -118,10 +118,7 @@ def convert_peft(
     target name (`manifest.LORA_TARGETS`); `base_weight(name)` returns a backbone parameter by its base-model
     name (e.g. "pooler.dense.weight"), or None. `labels` name the classes (default LABEL_0, LABEL_1, ...)."""
     cfg = read_peft_config(config_raw)
-    try:
-        weights = {k: v.float() for k, v in st_load(weights_raw).items()}
-    except Exception as exc:  # safetensors raises its own error types on corrupt files
-        raise BundleInvalid("not_safetensors", f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from None
+    weights = read_float_tensors(weights_raw, WEIGHTS_FILE)
     lora: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     module_names: dict[tuple[int, str], str] = {}  # for rank_pattern / alpha_pattern
     pooler_lora: dict[str, torch.Tensor] = {}

@@ -15,7 +15,7 @@ import torch
 from pydantic import ValidationError
 
 from service.bundles.adapterhub import convert_adapterhub, is_adapterhub_config
-from service.bundles.codec import decode_bundle, encode_bundle
+from service.bundles.codec import decode_bundle, encode_bundle, manifest_invalid
 from service.bundles.manifest import LORA_TARGETS
 from service.bundles.peft import CONFIG_FILE, WEIGHTS_FILE, convert_peft
 from service.errors import BundleInvalid, ServiceError
@@ -45,8 +45,7 @@ def import_peft(files: Mapping[str, bytes], task: str, backbone: Backbone, label
             labels=labels,
         )
     except ValidationError as exc:  # the manifest it describes is not one (e.g. a bad task name or labels)
-        first = exc.errors()[0]
-        raise BundleInvalid("bad_manifest", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise manifest_invalid(exc) from None
     data = encode_bundle(converted.manifest, converted.tensors)
     decode_bundle(data, backbone=backbone.ref, max_bytes=MAX_IMPORT_BYTES)  # every check an upload gets
     return data
