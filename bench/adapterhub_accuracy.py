@@ -22,45 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import asyncio
-import io
 import json
 import random
 import shutil
 import subprocess
 import tempfile
 import time
-import zipfile
 
-from bench.common import REPO, machine
-from bench.peft_accuracy import DATA, LABELS, load
+from bench.common import REPO, SST2, accuracy_report, load_sst2, service_predictions
 
 PEER_VENV = Path("/tmp/peervenv")
 SETUP = REPO.parent / "shared" / "peers" / "adapterhub" / "setup.sh"
-
-
-async def service_predictions(folder: Path, dev: list[tuple[str, int]], store: Path) -> list[int]:
-    import httpx
-
-    from service.api.app import create_app
-    from service.settings import ServiceSettings
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for p in folder.iterdir():
-            zf.write(p, p.name)
-    app = create_app(ServiceSettings(admin_token="bench", store_dir=store, dtype="float32", max_seq_length=64))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=120) as client:
-            r = await client.post("/adapters", headers={"Authorization": "Bearer bench"},
-                                  files={"file": ("sst2-ah.zip", buf.getvalue())}, data={"task": "sst2-ah"})
-            r.raise_for_status()
-            preds: list[int] = []
-            for i in range(0, len(dev), 32):
-                got = await client.post("/predict/sst2-ah", json={"texts": [t for t, _ in dev[i : i + 32]]})
-                got.raise_for_status()
-                preds += [LABELS.index(p["label"]) for p in got.json()["predictions"]]
-    return preds
 
 
 def main() -> None:
@@ -73,9 +45,9 @@ def main() -> None:
     python = PEER_VENV / "bin" / "python"
     if not python.exists() or subprocess.run([str(python), "-c", "import adapters"], capture_output=True).returncode:
         subprocess.run(["bash", str(SETUP)], check=True)
-    train = load(DATA / "train.tsv")
+    train = load_sst2(SST2 / "train.tsv")
     train = random.Random(args.seed).sample(train, min(args.train_examples, len(train)))
-    dev = load(DATA / "dev.tsv")
+    dev = load_sst2(SST2 / "dev.tsv")
     work = Path(tempfile.mkdtemp(prefix="bench-adapterhub-"))
     try:
         (work / "data.json").write_text(json.dumps({"train": train, "dev": dev, "epochs": args.epochs,
@@ -85,22 +57,10 @@ def main() -> None:
                         str(work / "data.json"), str(work)], check=True)
         train_s = time.perf_counter() - t0
         lib = json.loads((work / "result.json").read_text())["predictions"]
-        svc = asyncio.run(service_predictions(work / "adapter", dev, work / "store"))
+        svc = asyncio.run(service_predictions(work / "adapter", dev, work / "store", "sst2-ah"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    gold = [y for _, y in dev]
-    acc_lib = sum(p == g for p, g in zip(lib, gold)) / len(gold)
-    acc_svc = sum(p == g for p, g in zip(svc, gold)) / len(gold)
-    differ = sum(a != b for a, b in zip(lib, svc))
-    report = {"machine": machine(), "command": "python " + " ".join(sys.argv), "train_examples": len(train),
-              "epochs": args.epochs, "train_seconds": round(train_s, 1), "dev_examples": len(dev),
-              "accuracy_adapters_itself": round(acc_lib, 4), "accuracy_through_the_service": round(acc_svc, 4),
-              "predictions_that_differ": differ}
-    print(f"SST-2 dev ({len(dev)}): adapters itself {acc_lib:.4f}, through the service {acc_svc:.4f}, "
-          f"{differ} predictions differ (trained on {len(train)} x {args.epochs} in {train_s:.0f} s)")
-    print(json.dumps(report))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    accuracy_report("adapters", lib, svc, dev, len(train), args.epochs, train_s, args.out)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import json
 import platform
 import statistics
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -87,3 +90,63 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}, python {platform.python_version()}"
+
+
+# --- the library-accuracy benches (peft_accuracy.py, adapterhub_accuracy.py): SST-2, served through the API ---
+
+SST2 = REPO.parent / "shared" / "datasets" / "sst2"
+SST2_LABELS = ["negative", "positive"]
+
+
+def load_sst2(path: Path) -> list[tuple[str, int]]:
+    from service.training.readers import read_dataset
+
+    return [(e.text, int(e.label)) for e in read_dataset(path, "classification")]
+
+
+async def service_predictions(folder: Path, dev: list[tuple[str, int]], store: Path, task: str,
+                              labels: list[str] | None = None) -> list[int]:
+    """Upload `folder` zipped (`POST /adapters` with `task`, and `labels` when given) to the app served
+    in-process through its ASGI interface (float32, 64 tokens), then the class of every dev row through
+    `POST /predict/<task>`."""
+    import httpx
+
+    from service.api.app import create_app
+    from service.settings import ServiceSettings
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in folder.iterdir():
+            zf.write(p, p.name)
+    form = {"task": task, **({"labels": ",".join(labels)} if labels else {})}
+    app = create_app(ServiceSettings(admin_token="bench", store_dir=store, dtype="float32", max_seq_length=64))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=120) as client:
+            r = await client.post("/adapters", headers={"Authorization": "Bearer bench"},
+                                  files={"file": (f"{task}.zip", buf.getvalue())}, data=form)
+            r.raise_for_status()
+            preds: list[int] = []
+            for i in range(0, len(dev), 32):
+                got = await client.post(f"/predict/{task}", json={"texts": [t for t, _ in dev[i : i + 32]]})
+                got.raise_for_status()
+                preds += [SST2_LABELS.index(p["label"]) for p in got.json()["predictions"]]
+    return preds
+
+
+def accuracy_report(library: str, lib: list[int], svc: list[int], dev: list[tuple[str, int]], train_examples: int,
+           epochs: int, train_s: float, out: Path | None) -> None:
+    """Print (and write to `out`) both accuracies and how many predictions differ."""
+    gold = [y for _, y in dev]
+    acc_lib = sum(p == g for p, g in zip(lib, gold)) / len(gold)
+    acc_svc = sum(p == g for p, g in zip(svc, gold)) / len(gold)
+    differ = sum(a != b for a, b in zip(lib, svc))
+    result = {"machine": machine(), "command": "python " + " ".join(sys.argv), "train_examples": train_examples,
+              "epochs": epochs, "train_seconds": round(train_s, 1), "dev_examples": len(dev),
+              f"accuracy_{library}_itself": round(acc_lib, 4), "accuracy_through_the_service": round(acc_svc, 4),
+              "predictions_that_differ": differ}
+    print(f"SST-2 dev ({len(dev)}): {library} itself {acc_lib:.4f}, through the service {acc_svc:.4f}, "
+          f"{differ} predictions differ (trained on {train_examples} x {epochs} in {train_s:.0f} s)")
+    print(json.dumps(result))
+    if out:
+        out.write_text(json.dumps(result, indent=1) + "\n")

