@@ -11,6 +11,12 @@ from service.errors import InputTooLarge, InvalidInput
 from service.kinds import TaskKind
 
 
+class ErrorBody(BaseModel):
+    """Every error answer (4xx and 5xx): one sentence saying what is wrong."""
+
+    detail: str = Field(examples=["unknown task 'sentimnet'"])
+
+
 class PredictRequest(BaseModel):
     """Exactly one input shape: a text (optionally with a second text), a list of texts (optionally with
     second texts), or a question with its context (single or lists) for extractive QA."""
