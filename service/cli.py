@@ -1,4 +1,8 @@
-"""`adapter-service`: serve | upload | list | inspect | import | export | train | evaluate | store sync.
+"""`adapter-service`: serve | predict | upload | list | describe | activate | delete | inspect | import | export |
+train | evaluate | store sync.
+
+The commands that talk to a running service (predict, upload, list, describe, activate, delete) go through
+`service.client`, so they get its typed answers, its error messages and its retries on 503.
 
 Heavy imports (torch, transformers, the app) happen inside the commands, so `--help` is instant.
 """
@@ -6,10 +10,15 @@ Heavy imports (torch, transformers, the app) happen inside the commands, so `--h
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from service.client import Client
 
 app = typer.Typer(
     help="Serve many NLP tasks from one frozen backbone with swappable bottleneck adapters.",
@@ -56,42 +65,180 @@ def serve(
                 access_log=settings.access_log, timeout_graceful_shutdown=10)
 
 
-def _client(url: str, token: str | None):
-    import httpx
+# --- commands on a running service (through service.client) -----------------------------------------------
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120)
+DEFAULT_URL = "http://127.0.0.1:8000"
+Url = Annotated[str, typer.Option(envvar="ADAPTER_SERVICE_URL", help="service base URL")]
+Token = Annotated[str | None, typer.Option(envvar="ADAPTER_SERVICE_ADMIN_TOKEN", show_default=False,
+                                           help="admin token")]
+ApiKey = Annotated[str | None, typer.Option(envvar="ADAPTER_SERVICE_API_KEY", show_default=False,
+                                            help="API key, when the service requires one")]
 
 
-def _show(response) -> None:
-    """Print a response body; exit 1 with the server's message on an error status."""
-    if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        typer.echo(f"error {response.status_code}: {detail}", err=True)
+def _error_line(exc: Exception, suffix: str = "") -> str:
+    """`error <status>: <the server's detail>` for an answer, `error: <what failed>` for no answer."""
+    from service.client import ApiError
+
+    if isinstance(exc, ApiError):
+        return f"error {exc.status}: {exc.detail}{suffix}"
+    return f"error: {exc}{suffix}"
+
+
+@contextmanager
+def _reporting_errors() -> Iterator[None]:
+    """A client error becomes its `_error_line` on stderr and exit status 1."""
+    from service.client import AdapterServiceError
+
+    try:
+        yield
+    except AdapterServiceError as exc:
+        typer.echo(_error_line(exc), err=True)
+        raise typer.Exit(1) from None
+
+
+def _print(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+@app.command()
+def predict(
+    task: Annotated[str, typer.Argument(help="task to predict with")],
+    text: Annotated[str | None, typer.Argument(help="the text (QA: the question); or use --input",
+                                               show_default=False)] = None,
+    pair: Annotated[str | None, typer.Option(help="second text of a pair (paraphrase, similarity)",
+                                             show_default=False)] = None,
+    context: Annotated[str | None, typer.Option(help="QA: the context to answer TEXT from",
+                                                show_default=False)] = None,
+    input_file: Annotated[Path | None, typer.Option("--input", "-i", exists=True, dir_okay=False, show_default=False,
+                                               help="JSON lines, one body a line: {text}, {text, text_pair} "
+                                               "or {question, context}")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", dir_okay=False, show_default=False,
+                                                help="--input: write the JSON lines here [default: stdout]")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="--input: lines per request (at most the service's "
+                                            "ADAPTER_SERVICE_MAX_ITEMS_PER_REQUEST)")] = 32,
+    progress: Annotated[bool, typer.Option(help="--input: a progress bar on stderr")] = True,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+):
+    """Predict with a task of a running service: one TEXT (prints the answer as JSON), or every line of
+    --input (prints one prediction a line, in input order)."""
+    from service.client import Client
+
+    if (text is None) == (input_file is None):
+        raise typer.BadParameter("give TEXT or --input (one of them)")
+    if input_file is None and output is not None:
+        raise typer.BadParameter("--output goes with --input")
+    if input_file is not None and (pair is not None or context is not None):
+        raise typer.BadParameter("--pair and --context go with TEXT; in --input, each line says its fields")
+    if pair is not None and context is not None:
+        raise typer.BadParameter("--pair (a text pair) or --context (QA), not both")
+    with Client(url, api_key=api_key) as client:
+        if input_file is not None:
+            _predict_lines(client, task, input_file, output, batch_size, progress)
+            return
+        with _reporting_errors():
+            if context is not None:
+                result = client.predict(task, question=text, context=context)
+            else:
+                result = client.predict(task, text, text_pair=pair)
+        _print(result.model_dump(mode="json"))
+
+
+def _predict_lines(client: Client, task: str, input_file: Path, output: Path | None, batch_size: int,
+                   progress: bool) -> None:
+    """--input: batches of consecutive same-shape lines, one prediction written a line, in order."""
+    import sys
+
+    from tqdm import tqdm
+
+    from service.client import AdapterServiceError
+    from service.client.batches import LineError, batches, count_inputs
+
+    with input_file.open(encoding="utf-8") as fh:
+        total = count_inputs(fh)
+    failure = None
+    out = output.open("w", encoding="utf-8") if output is not None else sys.stdout
+    try:
+        with input_file.open(encoding="utf-8") as fh, tqdm(total=total, unit="line", file=sys.stderr,
+                                                           disable=not progress, dynamic_ncols=True) as bar:
+            for batch in batches(fh, batch_size):
+                result = client.predict_body(task, batch.body)
+                for prediction in result.predictions:
+                    out.write(json.dumps(prediction.model_dump(mode="json"), ensure_ascii=False) + "\n")
+                out.flush()
+                bar.update(batch.size)
+    except LineError as exc:
+        failure = f"error: {input_file} {exc}"
+    except AdapterServiceError as exc:  # `batch` is the one that failed: name its lines
+        failure = _error_line(exc, f" ({input_file} lines {batch.first_line}-{batch.last_line})")
+    finally:
+        if output is not None:
+            out.close()
+    if failure is not None:  # after the progress bar is closed, so the message has a line of its own
+        typer.echo(failure, err=True)
         raise typer.Exit(1)
-    if response.content:
-        typer.echo(json.dumps(response.json(), indent=2))
 
 
 @app.command()
 def upload(
-    file: Annotated[Path, typer.Argument(help="bundle to upload", exists=True, dir_okay=False)],
-    url: Annotated[str, typer.Option(help="service base URL")] = "http://127.0.0.1:8000",
-    token: Annotated[str | None, typer.Option(help="admin token", envvar="ADAPTER_SERVICE_ADMIN_TOKEN")] = None,
+    file: Annotated[Path, typer.Argument(help="a bundle (.safetensors), or a PEFT / AdapterHub adapter folder "
+                                         "as .zip, .tar or .tar.gz (with --task, --labels)",
+                                         exists=True, dir_okay=False)],
+    task: Annotated[str | None, typer.Option(help="archives: the task name to serve it as",
+                                             show_default=False)] = None,
+    labels: Annotated[str | None, typer.Option(help="archives: class names, comma-separated, in the "
+                                               "classifier's output order", show_default=False)] = None,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
 ):
-    """Upload a bundle to a running service; it becomes the task's active version."""
-    with _client(url, token) as client, file.open("rb") as fh:
-        _show(client.post("/adapters", files={"file": (file.name, fh, "application/octet-stream")}))
+    """Upload to a running service; it becomes the task's active version."""
+    from service.client import Client
+
+    with Client(url, token=token) as client, _reporting_errors():
+        _print(client.upload(file, task=task, labels=labels).model_dump(mode="json"))
 
 
 @app.command("list")
-def list_tasks(url: Annotated[str, typer.Option(help="service base URL")] = "http://127.0.0.1:8000"):
+def list_tasks(url: Url = DEFAULT_URL, api_key: ApiKey = None):
     """List the tasks of a running service."""
-    with _client(url, None) as client:
-        _show(client.get("/adapters"))
+    from service.client import Client
+
+    with Client(url, api_key=api_key) as client, _reporting_errors():
+        _print({"adapters": [t.model_dump(mode="json") for t in client.list()]})
+
+
+@app.command()
+def describe(task: Annotated[str, typer.Argument(help="task name")], url: Url = DEFAULT_URL,
+             api_key: ApiKey = None):
+    """Show a task of a running service, with each version's manifest."""
+    from service.client import Client
+
+    with Client(url, api_key=api_key) as client, _reporting_errors():
+        _print(client.describe(task).model_dump(mode="json"))
+
+
+@app.command()
+def activate(
+    task: Annotated[str, typer.Argument(help="task name")],
+    version: Annotated[int, typer.Argument(help="the stored version to make active", min=1)],
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+):
+    """Make an existing version of a task active (roll back or forward)."""
+    from service.client import Client
+
+    with Client(url, token=token) as client, _reporting_errors():
+        _print(client.activate(task, version).model_dump(mode="json"))
+
+
+@app.command()
+def delete(task: Annotated[str, typer.Argument(help="task name")], url: Url = DEFAULT_URL, token: Token = None):
+    """Delete a task and all its versions from a running service."""
+    from service.client import Client
+
+    with Client(url, token=token) as client, _reporting_errors():
+        client.delete(task)
+    _print({"task": task, "deleted": True})
 
 
 @app.command()
