@@ -51,6 +51,10 @@ class InvalidInput(ServiceError):
     """A request body that does not fit the task (wrong shape for the head, empty text, ...)."""
 
 
+class UnsupportedMediaType(ServiceError):
+    """A request body in a media type the operation does not take (e.g. text/plain where JSON is expected)."""
+
+
 class InputTooLarge(ServiceError):
     """A text over the configured character limit."""
 

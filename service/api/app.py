@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__
+from service.api.contract import finish_openapi
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics
@@ -88,4 +89,11 @@ def create_app(config: ServiceSettings | Runtime | None = None) -> FastAPI:
     app.include_router(adapters_router)
     app.include_router(health_router)
     app.add_middleware(UploadSizeLimit, limit=settings.upload_max_bytes)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = finish_openapi(FastAPI.openapi(app), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

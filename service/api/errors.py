@@ -6,7 +6,10 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
 
+from service.api.contract import allowed_methods
 from service.api.responses import JSON
 from service.errors import (
     BackboneLoadError,
@@ -20,6 +23,7 @@ from service.errors import (
     ServiceError,
     StoreUnavailable,
     TaskNotFound,
+    UnsupportedMediaType,
     VersionNotFound,
 )
 
@@ -32,6 +36,7 @@ _STATUS: list[tuple[type[ServiceError], int]] = [
     (InvalidTaskName, 404),
     (BundleTooLarge, 413),
     (InputTooLarge, 413),
+    (UnsupportedMediaType, 415),
     (BundleInvalid, 422),
     (InvalidInput, 422),
     (Overloaded, 503),
@@ -79,6 +84,21 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         return JSON({"detail": describe_validation_error(exc)}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        """Starlette's own answers (404 no route, 405, 400 unparsable body, auth) in the one error shape; a
+        405 lists every method of the path in `Allow`, and OPTIONS answers 204 with that `Allow`."""
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers=headers)
+            return JSON({"detail": f"{request.method} is not allowed here; allowed: {headers['Allow']}"},
+                        status_code=405, headers=headers)
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            return JSON({"detail": f"no such path: {request.url.path}"}, status_code=404, headers=headers)
+        return JSON({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

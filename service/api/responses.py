@@ -1,14 +1,17 @@
-"""JSON responses rendered with orjson (the hot path returns plain dicts; no model re-validation)."""
+"""JSON responses rendered with orjson (the hot path returns plain dicts; no model re-validation).
+
+A `JSONResponse` subclass, so that FastAPI publishes each route's `response_model` as the body schema (for
+any other response class it would publish a bare string)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
-from starlette.responses import Response
+from starlette.responses import JSONResponse
 
 
-class JSON(Response):
+class JSON(JSONResponse):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import require_admin, require_api_key
+from service.api.contract import errors, require_media_type
 from service.api.deps import Services, services
-from service.api.schemas import ActivateRequest, TaskDetail, TaskList, UploadResponse
+from service.api.schemas import ActivateRequest, ActivateResponse, TaskDetail, TaskList, UploadResponse
 from service.bundles.archive import is_archive
 from service.bundles.store import VersionInfo
 from service.errors import BundleTooLarge, InvalidInput
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
-ADMIN: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing bearer token"}, 403: {"description": "Wrong token"},
-}
+TASK = Path(description="The task's name", examples=["sst2"])
 
 
 def _upload_body(info: VersionInfo, active: bool) -> dict:
@@ -29,9 +28,11 @@ def _upload_body(info: VersionInfo, active: bool) -> dict:
 
 
 @router.post(
-    "", status_code=201, response_model=UploadResponse, dependencies=[Depends(require_admin)],
-    responses={**ADMIN, 413: {"description": "Bundle over the size limit"},
-               422: {"description": "Invalid bundle (the message names the problem)"}},
+    "", status_code=201, operation_id="upload_adapter", response_model=UploadResponse,
+    dependencies=[Depends(require_admin), Depends(require_media_type("multipart/form-data"))],
+    responses=errors(400, 401, 403, 413, 415, 422, 503, e413="The upload is over the size limit",
+                     e422="Not a valid bundle or adapter archive (the message names the problem), or 'task' / "
+                          "'labels' given with a bundle, which names its own"),
 )
 async def upload(
     svc: Annotated[Services, Depends(services)],
@@ -64,7 +65,8 @@ async def upload(
     return _upload_body(info, active)
 
 
-@router.get("", response_model=TaskList, dependencies=[Depends(require_api_key)])
+@router.get("", operation_id="list_adapters", response_model=TaskList, dependencies=[Depends(require_api_key)],
+            responses=errors(401, 403, 503))
 async def list_adapters(svc: Annotated[Services, Depends(services)]):
     """Every task: active version, versions, head type, labels, size, resident on the device or not."""
     summaries = await run_in_threadpool(svc.manager.summaries)
@@ -76,9 +78,9 @@ async def list_adapters(svc: Annotated[Services, Depends(services)]):
     ]}
 
 
-@router.get("/{task}", response_model=TaskDetail, dependencies=[Depends(require_api_key)],
-            responses={404: {"description": "Unknown task"}})
-async def describe(task: str, svc: Annotated[Services, Depends(services)]):
+@router.get("/{task}", operation_id="describe_adapter", response_model=TaskDetail,
+            dependencies=[Depends(require_api_key)], responses=errors(401, 403, 404, 503))
+async def describe(task: Annotated[str, TASK], svc: Annotated[Services, Depends(services)]):
     """A task with each version's manifest (adapter config, backbone, training metrics)."""
     summary = await run_in_threadpool(svc.manager.summary, task)
     versions = await run_in_threadpool(svc.manager.versions, task)
@@ -94,17 +96,18 @@ async def describe(task: str, svc: Annotated[Services, Depends(services)]):
     }
 
 
-@router.put("/{task}/active", dependencies=[Depends(require_admin)],
-            responses={**ADMIN, 404: {"description": "Unknown task or version"}})
-async def activate(task: str, body: ActivateRequest, svc: Annotated[Services, Depends(services)]):
+@router.put("/{task}/active", operation_id="activate_adapter", response_model=ActivateResponse,
+            dependencies=[Depends(require_admin), Depends(require_media_type("application/json"))],
+            responses=errors(400, 401, 403, 404, 415, 422, 503, e404="Unknown task or version"))
+async def activate(task: Annotated[str, TASK], body: ActivateRequest, svc: Annotated[Services, Depends(services)]):
     """Make an existing version active (rollback or roll forward)."""
     info = await run_in_threadpool(svc.manager.activate, task, body.version)
     return {"task": task, "active_version": info.version, "sha256": info.sha256}
 
 
-@router.delete("/{task}", status_code=204, dependencies=[Depends(require_admin)],
-               responses={**ADMIN, 404: {"description": "Unknown task"}})
-async def delete(task: str, svc: Annotated[Services, Depends(services)]):
+@router.delete("/{task}", status_code=204, operation_id="delete_adapter", response_class=Response,
+               dependencies=[Depends(require_admin)], responses=errors(401, 403, 404, 503))
+async def delete(task: Annotated[str, TASK], svc: Annotated[Services, Depends(services)]):
     """Delete a task and all its versions; predict answers 404 from now on."""
     await run_in_threadpool(svc.manager.delete, task)
     return Response(status_code=204)

@@ -7,21 +7,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from service.api.contract import RETRY_AFTER, errors
 from service.api.deps import Services
 from service.api.responses import JSON
+from service.api.schemas import HealthResponse, NotReadyBody, ReadyResponse
 from service.errors import ServiceError
 from service.runtime.runtime import RuntimeState
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", operation_id="healthz", response_model=HealthResponse)
 async def healthz():
     """The process is alive and its event loop answers."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Not ready: the body says which check failed"}})
+@router.get("/readyz", operation_id="readyz", response_model=ReadyResponse, responses={
+    **errors(422, e422="allow_degraded is not a boolean"),
+    503: {"model": NotReadyBody, "description": "Not ready: the body says which check failed", "headers": RETRY_AFTER},
+})
 async def readyz(request: Request, allow_degraded: bool = False):
     """Ready to serve: backbone loaded, batcher running, store reachable (and the Redis registry connected).
 
@@ -53,7 +58,10 @@ async def readyz(request: Request, allow_degraded: bool = False):
                  "backbone": svc.engine.backbone.ref.id, **svc.engine.compute_info()})
 
 
-@router.get("/metrics")
+@router.get("/metrics", operation_id="metrics", response_class=Response, responses={
+    200: {"description": "Prometheus text exposition format",
+          "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+})
 async def metrics(request: Request):
     """Prometheus text format."""
     return Response(generate_latest(request.app.state.svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

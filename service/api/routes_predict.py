@@ -6,10 +6,11 @@ import asyncio
 import time
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import require_api_key
+from service.api.contract import errors, require_media_type
 from service.api.deps import Services, services
 from service.api.errors import status_for
 from service.api.metrics import UNKNOWN_TASK
@@ -18,18 +19,18 @@ from service.api.schemas import PREDICT_EXAMPLES, EmbedRequest, EmbedResponse, P
 from service.runtime.engine import RowRequest
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "Unknown task"},
-    413: {"description": "A text is over the configured character limit"},
-    422: {"description": "Malformed body, empty text, a body shape that does not fit the task, list too long"},
-    503: {"description": "Overloaded (with Retry-After) or not ready"},
-}
+JSON_BODY = Depends(require_media_type("application/json"))
 
 
-@router.post("/predict/{task}", response_model=PredictResponse, responses=ERRORS)
+@router.post(
+    "/predict/{task}", operation_id="predict", response_model=PredictResponse, dependencies=[JSON_BODY],
+    responses=errors(400, 401, 403, 404, 413, 415, 422, 503,
+                     e413="A text is over the configured character limit",
+                     e422="A malformed body, an empty text, a body shape the task's head does not take (e.g. "
+                          "question/context for a classifier), text_pairs of another length than texts"),
+)
 async def predict(
-    task: str,
+    task: Annotated[str, Path(description="The task's name", examples=["sst2"])],
     request: Request,
     body: Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)],
     svc: Annotated[Services, Depends(services)],
@@ -57,7 +58,8 @@ async def predict(
         raise
 
 
-@router.post("/embed", response_model=EmbedResponse, responses={422: ERRORS[422], 503: ERRORS[503]})
+@router.post("/embed", operation_id="embed", response_model=EmbedResponse, dependencies=[JSON_BODY],
+             responses=errors(400, 401, 403, 413, 415, 422, 503, e413="A text is over the configured character limit"))
 async def embed(body: EmbedRequest, svc: Annotated[Services, Depends(services)]):
     """Sentence embeddings from the plain backbone (mean-pooled, L2-normalised): no adapter."""
     s = svc.settings

@@ -105,8 +105,10 @@ async def test_upload_over_the_size_limit_is_413_and_changes_nothing(client):
 
 
 async def test_upload_without_a_file_field_is_422(client):
-    r = await client.post("/adapters", data={"nope": "1"}, headers=AUTH)
+    r = await client.post("/adapters", files={"nope": ("x.bin", b"1")}, headers=AUTH)
     assert r.status_code == 422 and "file" in r.json()["detail"]
+    r = await client.post("/adapters", data={"nope": "1"}, headers=AUTH)  # a form that cannot carry a file
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
 
 
 @pytest.mark.parametrize(
