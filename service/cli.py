@@ -27,6 +27,10 @@ app = typer.Typer(
 )
 store_app = typer.Typer(help="Adapter store maintenance.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+keys_app = typer.Typer(help="Per-task API keys (the file ADAPTER_SERVICE_API_KEYS_FILE names).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+KeysFile = Annotated[Path, typer.Option("--file", envvar="ADAPTER_SERVICE_API_KEYS_FILE",
+                                        help="the key file [env ADAPTER_SERVICE_API_KEYS_FILE]")]
 
 
 @app.command()
@@ -378,6 +382,71 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+
+
+def _edit_keys(path: Path, change) -> None:
+    """Read the key file (or none), apply `change` to its entries, write it back atomically (0600)."""
+    import os
+
+    from service.api.keys import parse_keys
+    from service.errors import ConfigurationError
+
+    data = json.loads(path.read_text()) if path.exists() else {"keys": []}
+    try:
+        parse_keys(json.dumps(data), str(path))
+    except ConfigurationError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    data["keys"] = change(data["keys"])
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+@keys_app.command("add")
+def keys_add(
+    name: Annotated[str, typer.Argument(help="who the key is for (unique in the file)")],
+    tasks: Annotated[str, typer.Option(help="task names or globs it may call, comma-separated, e.g. 'sst2,reviews-*'")],
+    file: KeysFile,
+):
+    """Make a new key: prints it once (only its SHA-256 is stored); a running service picks it up within a second."""
+    import secrets
+
+    from service.api.keys import hash_key
+
+    key = secrets.token_urlsafe(32)
+    patterns = [t.strip() for t in tasks.split(",") if t.strip()]
+
+    def add(entries: list) -> list:
+        if any(e.get("name") == name for e in entries):
+            typer.echo(f"error: a key named '{name}' exists; remove it first to rotate it", err=True)
+            raise typer.Exit(1)
+        return [*entries, {"name": name, "sha256": hash_key(key), "tasks": patterns}]
+
+    _edit_keys(file, add)
+    typer.echo(key)
+
+
+@keys_app.command("remove")
+def keys_remove(name: Annotated[str, typer.Argument(help="the key's name")], file: KeysFile):
+    """Revoke a key (a running service stops taking it within a second)."""
+
+    def remove(entries: list) -> list:
+        if not any(e.get("name") == name for e in entries):
+            typer.echo(f"error: no key named '{name}' in {file}", err=True)
+            raise typer.Exit(1)
+        return [e for e in entries if e.get("name") != name]
+
+    _edit_keys(file, remove)
+
+
+@keys_app.command("list")
+def keys_list(file: KeysFile):
+    """The keys' names and the tasks each may call (never the keys)."""
+    for entry in json.loads(file.read_text()).get("keys", []) if file.exists() else []:
+        typer.echo(f"{entry.get('name')}\t{','.join(entry.get('tasks', []))}")
 
 
 def main() -> None:

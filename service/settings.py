@@ -113,7 +113,13 @@ class ServiceSettings(BaseSettings):
         "and logged once."
     )
     api_key: SecretStr | None = Field(
-        None, description="If set, predict requests need `Authorization: Bearer <api_key>` too."
+        None, description="If set, predict and read requests need `Authorization: Bearer <api_key>` (or the "
+        "admin token); this key may call every task."
+    )
+    api_keys_file: Path | None = Field(
+        None, description="Per-task API keys: a JSON file of SHA-256 hashed keys, each with the task names or "
+        "globs it may call (`adapter-service keys add` writes it); re-read when it changes. A key calling "
+        "another task gets 403, an unknown key 401."
     )
     log_level: str = Field("info", description="Python logging level name.")
     access_log: bool = Field(False, description="Log every HTTP request (uvicorn access log); Prometheus "

@@ -18,6 +18,7 @@ from service import __version__
 from service.api.contract import finish_openapi
 from service.api.deps import Services
 from service.api.errors import install_error_handlers
+from service.api.keys import KeyRing
 from service.api.metrics import Metrics
 from service.api.responses import JSON
 from service.api.routes_adapters import router as adapters_router
@@ -60,7 +61,8 @@ def create_app(config: ServiceSettings | Runtime | None = None) -> FastAPI:
     admin_token = (secrets.token_urlsafe(32) if settings.admin_token is None
                    else settings.admin_token.get_secret_value())
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
-    svc = Services(settings=settings, metrics=metrics, admin_token=admin_token, api_key=api_key, runtime=runtime)
+    keys = KeyRing(settings.api_keys_file, all_tasks_key=api_key)
+    svc = Services(settings=settings, metrics=metrics, admin_token=admin_token, keys=keys, runtime=runtime)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

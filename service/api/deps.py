@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from service.api.keys import KeyRing
 from service.api.metrics import Metrics
 from service.bundles.store import AdapterStore
 from service.errors import NotReady
@@ -23,7 +24,7 @@ class Services:
     settings: ServiceSettings
     metrics: Metrics
     admin_token: str
-    api_key: str | None
+    keys: KeyRing
     runtime: Runtime
     started_at: float = field(default_factory=time.time)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Path, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import require_admin, require_api_key
@@ -67,9 +67,13 @@ async def upload(
 
 @router.get("", operation_id="list_adapters", response_model=TaskList, dependencies=[Depends(require_api_key)],
             responses=errors(401, 403, 503))
-async def list_adapters(svc: Annotated[Services, Depends(services)]):
-    """Every task: active version, versions, head type, labels, size, resident on the device or not."""
+async def list_adapters(request: Request, svc: Annotated[Services, Depends(services)]):
+    """Every task: active version, versions, head type, labels, size, resident on the device or not. Called
+    with a per-task API key: the tasks that key may call."""
     summaries = await run_in_threadpool(svc.manager.summaries)
+    key = request.state.api_key
+    if key is not None:
+        summaries = [s for s in summaries if key.allows(s.task)]
     return {"adapters": [
         {"task": s.task, "active_version": s.active_version, "versions": s.versions,
          "head_type": s.active.manifest.kind.name, "labels": s.active.manifest.labels,

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from service.api.keys import KeyRing
 from service.bundles.codec import encode_bundle
 from service.bundles.manifest import AdapterConfig, HeadType
 from service.errors import StoreUnavailable
@@ -201,10 +202,10 @@ async def test_readyz_reports_an_unreachable_store(client, monkeypatch):
 
 
 async def test_predict_api_key_when_configured(client):
-    client.app.state.svc.api_key = "reader-key"
+    client.app.state.svc.keys = KeyRing(None, all_tasks_key="reader-key")
     assert (await client.post("/predict/sentiment", json={"text": "x"})).status_code == 401
     r = await client.post("/predict/sentiment", json={"text": "x"}, headers={"Authorization": "Bearer nope"})
-    assert r.status_code == 403
+    assert r.status_code == 401 and r.json()["detail"] == "unknown API key"
     r = await client.post("/predict/sentiment", json={"text": "x"}, headers={"Authorization": "Bearer reader-key"})
     assert r.status_code == 200
     assert (await client.get("/healthz")).status_code == 200  # probes stay open
