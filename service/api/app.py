@@ -90,6 +90,7 @@ def create_app(config: ServiceSettings | Runtime | None = None) -> FastAPI:
     app.include_router(predict_router)
     app.include_router(adapters_router)
     app.include_router(health_router)
+    app.include_router(__import__("service.api.routes_oip", fromlist=["router"]).router)
     app.add_middleware(UploadSizeLimit, limit=settings.upload_max_bytes)
 
     def openapi() -> dict:
