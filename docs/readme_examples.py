@@ -77,6 +77,17 @@ EXAMPLES: dict[str, list[str]] = {
         f"{CURL} {URL}/readyz",
         f"{CURL} {URL}/metrics | grep -E '^adapter_service_(requests_total|batch_size_(sum|count)|cache_(hits|misses)_total|queue_depth)'",
     ],
+    "oip": [  # after "health": its metrics show the examples above only
+        f"{CURL} {URL}/v2/health/ready",
+        post("/v2/models/sst2/infer", {"id": "42", "inputs": [
+            {"name": "text", "shape": [2], "datatype": "BYTES",
+             "data": ["a gripping, beautifully shot film", "two hours I will never get back"]}]}),
+        post("/v2/models/squad/infer", {"id": "43", "inputs": [
+            {"name": "question", "shape": [1], "datatype": "BYTES", "data": ["Who designed the Eiffel Tower?"]},
+            {"name": "context", "shape": [1], "datatype": "BYTES", "data": [EIFFEL]}],
+            "outputs": [{"name": "answer"}, {"name": "score"}]}),
+        post("/v2/models/sst2/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]}),
+    ],
 }
 
 
