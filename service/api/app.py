@@ -23,6 +23,7 @@ from service.api.metrics import Metrics
 from service.api.responses import JSON
 from service.api.routes_adapters import router as adapters_router
 from service.api.routes_health import router as health_router
+from service.api.routes_oip import router as oip_router
 from service.api.routes_predict import router as predict_router
 from service.runtime.runtime import Runtime
 from service.settings import ServiceSettings
@@ -90,7 +91,7 @@ def create_app(config: ServiceSettings | Runtime | None = None) -> FastAPI:
     app.include_router(predict_router)
     app.include_router(adapters_router)
     app.include_router(health_router)
-    app.include_router(__import__("service.api.routes_oip", fromlist=["router"]).router)
+    app.include_router(oip_router)
     app.add_middleware(UploadSizeLimit, limit=settings.upload_max_bytes)
 
     def openapi() -> dict:
