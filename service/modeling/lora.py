@@ -10,8 +10,15 @@ of LoRA tasks that leave the projection alone get `W x + b` exactly. Narrower ra
 pool's rank capacity, which is exact too.
 
 The rows' routing is the bottleneck path's (`slot_pool.Routing`), with the same strategy: `segment` runs one
-matmul pair per LoRA segment on its contiguous rows (padded) or tokens (packed); `gather` gathers the weights
-of each row (padded) or each segment of the packed `[k, L]` layout and runs one batched matmul pair.
+matmul pair per LoRA segment on its contiguous rows (padded) or tokens (packed); `gather` gathers each row's
+weights (padded: one batched matmul pair) or, packed, stacks the rank columns of the batch's n LoRA slots and
+runs one matmul pair over every token:
+
+    z = (x @ [A_1 | ... | A_n]) * M        y += z @ [B_1; ...; B_n]
+
+where the 0/1 mask M keeps, for each token, only its own slot's r columns (none for rows of other tasks, whose
+`y` is left exactly as it was). Its cost is 2 * n * r * (in + out) per token, small while the batch's LoRA
+ranks are small, and two matmuls instead of a gather of every LoRA segment's tokens.
 """
 
 from __future__ import annotations
@@ -105,19 +112,18 @@ class LoraPool:
         if A is None or B is None:
             return y
         A_l, B_l = A[layer], B[layer]  # [S, in, r], [S, r, out]
+        if r.strategy == "gather" and not r.packed:
+            idx = r.row_slots  # [B]: each row's own weights, one batched matmul pair
+            z = torch.bmm(x, A_l.index_select(0, idx))  # [B, T, r]
+            return y.baddbmm_(z, B_l.index_select(0, idx))
         if r.strategy == "gather":
-            if not r.packed:
-                idx = r.row_slots  # [B]
-                z = torch.bmm(x, A_l.index_select(0, idx))  # [B, T, r]
-                return y.baddbmm_(z, B_l.index_select(0, idx))
-            if r.segment_slots is not None:
-                # `routing_packed` sets the four gather fields together
-                assert r.segment_tokens is not None and r.real_tokens is not None and r.real_places is not None
-                idx = r.segment_slots  # [k]
-                k = idx.shape[0]
-                xs = x.index_select(0, r.segment_tokens).view(k, -1, x.shape[-1])  # [k, L, in]
-                delta = torch.bmm(torch.bmm(xs, A_l.index_select(0, idx)), B_l.index_select(0, idx))
-                return y.index_add_(0, r.real_tokens, delta.view(-1, y.shape[-1]).index_select(0, r.real_places))
+            # `_lora_columns` sets both for packed gather routings with LoRA slots
+            assert r.lora_select is not None and r.lora_mask is not None
+            sel = r.lora_select  # [n]: the batch's LoRA slots, their rank columns stacked
+            A_sel = A_l.index_select(0, sel).permute(1, 0, 2).reshape(A_l.shape[1], -1)  # [in, n*r]
+            B_sel = B_l.index_select(0, sel).reshape(-1, B_l.shape[2])  # [n*r, out]
+            z = (x @ A_sel).mul_(r.lora_mask)  # each token keeps its own slot's columns; other rows: 0
+            return y.addmm_(z, B_sel)
         for i, seg in enumerate(r.segments):
             if target not in self.targets.get(seg.slot, ()):
                 continue

@@ -106,6 +106,10 @@ class Routing:
     lora_slots: frozenset[int] = frozenset()  # the slots in this batch that hold LoRA tasks
     normed_slots: frozenset[int] = frozenset()  # the slots whose adapters read the LayerNorm output
     adapter_row_slots: torch.Tensor | None = None  # padded gather: row_slots with normed slots as 0 (None: same)
+    # Packed gather with LoRA tasks (see `LoraPool.apply`): the batch's LoRA slots, and which of their
+    # stacked rank columns each token reads ([N, n*r], 0/1 in the compute dtype)
+    lora_select: torch.Tensor | None = None
+    lora_mask: torch.Tensor | None = None
 
     @property
     def any_adapter(self) -> bool:
@@ -308,8 +312,7 @@ class SlotPool:
         row_slots = torch.tensor([s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long)
         bounds = tuple((offsets[s.start], offsets[s.stop]) for s in segments)
         gather: dict[str, torch.Tensor] = {}
-        # one layout for the bottleneck and the LoRA segments: each kind reads zeros at the other's slots
-        adapted = [(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs or s.slot in lora]
+        adapted = [(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs]
         if strategy == "gather" and adapted:
             L, k = max(b - a for _, a, b in adapted), len(adapted)
             if bucket_shapes:  # round the [k, L] layout up (filler segments: slot 0, zero weights, never read)
@@ -322,10 +325,21 @@ class SlotPool:
             gather = {"segment_slots": torch.tensor(seg_slots),
                       "segment_tokens": places.view(-1), "real_places": real,
                       "real_tokens": torch.cat([torch.arange(a, b) for _, a, b in adapted])}
+        token_slots = F.pad(slots.repeat_interleave(counts), (0, pad), value=NO_ADAPTER).to(self.device)
         return Routing(tuple(segments), row_slots.to(self.device), specs, strategy, None, bounds, packed=True,
-                       lora_slots=lora, normed_slots=normed,
-                       token_slots=F.pad(slots.repeat_interleave(counts), (0, pad), value=NO_ADAPTER).to(self.device),
-                       **{k: v.to(self.device) for k, v in gather.items()})
+                       lora_slots=lora, normed_slots=normed, token_slots=token_slots,
+                       **{k: v.to(self.device) for k, v in gather.items()},
+                       **self._lora_columns(lora, token_slots, strategy))
+
+    def _lora_columns(self, lora: frozenset[int], token_slots: torch.Tensor, strategy: Strategy
+                      ) -> dict[str, torch.Tensor]:
+        """Packed gather: the batch's LoRA slots and the 0/1 mask [N, n * r] of the stacked rank columns each
+        token reads: column block j (r_cap wide) belongs to the j-th selected slot."""
+        if strategy != "gather" or not lora:
+            return {}
+        select = torch.tensor(sorted(lora), dtype=torch.long, device=self.device)
+        columns = select.repeat_interleave(self.lora.rank_capacity)  # [n * r]
+        return {"lora_select": select, "lora_mask": (token_slots.unsqueeze(-1) == columns).to(self.dtype)}
 
     def _batch_specs(self, segments: Sequence[Segment]) -> tuple[dict[int, SlotSpec], frozenset[int]]:
         """(slot -> spec of the batch's adapters read at the projection, the slots whose adapters read the
