@@ -100,6 +100,19 @@ def test_each_task_sticks_to_one_replica_and_tasks_spread(lb):
     assert len(set(owner.values())) == 3  # 48 tasks over 3 replicas: all get some
 
 
+def test_oip_inference_follows_the_same_task_affinity_and_is_replayed(lb, backends):
+    """/v2/models/<task>/infer hashes on the task like /predict/<task>, so both reach the replica whose
+    cache holds it, and is replayed on the next replica after a 503 like a prediction."""
+    for t in TASKS[:12]:
+        owner = served_by(lb.post(f"/predict/{t}", json={"inputs": ["x"]}))
+        assert served_by(lb.post(f"/v2/models/{t}/infer", json={"inputs": []})) == owner
+        assert served_by(lb.post(f"/v2/models/{t}/versions/1/infer", json={"inputs": []})) == owner
+    t = TASKS[0]
+    owner = next(b for b in backends if b.name == served_by(lb.post(f"/predict/{t}", json={})))
+    owner.mode = "503"
+    assert served_by(lb.post(f"/v2/models/{t}/infer", json={"inputs": []})) != owner.name
+
+
 def test_predictions_move_to_the_next_replica_when_one_dies(lb, backends):
     owner = {t: served_by(lb.post(f"/predict/{t}", json={})) for t in TASKS}
     victim = next(b for b in backends if b.name == owner[TASKS[0]])
