@@ -284,7 +284,7 @@ def import_adapter(
     from service.bundles.store import LocalAdapterStore
     from service.errors import ServiceError
     from service.modeling.backbone import load_backbone
-    from service.runtime.imports import import_folder
+    from service.runtime.imports import import_folder, safetensors_from_pickle
 
     if out is None and store is None:
         typer.echo("error: give --out and/or --store (where the bundle goes)", err=True)
@@ -295,7 +295,7 @@ def import_adapter(
         pickled = {"adapter_model.bin": "adapter_model.safetensors", **ADAPTERHUB_PICKLED}  # their safetensors names
         for name, safe in pickled.items():
             if safe not in files and name in files:
-                files[safe] = _unpickled_weights(files[name], name)
+                files[safe] = safetensors_from_pickle(files[name], name)
         model = load_backbone(backbone, device="cpu", dtype="float32")
         names = [x.strip() for x in labels.split(",")] if labels else None
         data = import_folder(files, task, model, names)
@@ -343,25 +343,6 @@ def export_adapter(
     for name, content in files.items():
         (out / name).write_bytes(content)
     typer.echo(f"wrote {', '.join(sorted(files))} to {out} (adapters 1.x: load_adapter({str(out)!r}, use_safetensors=True))")
-
-
-def _unpickled_weights(data: bytes, name: str) -> bytes:
-    """A pickled weights file (PEFT's `adapter_model.bin`, AdapterHub's `pytorch_adapter.bin`) as safetensors bytes: loaded with torch.load(weights_only=True)
-    (tensors and plain containers only, no code), here in the local CLI alone; never over HTTP."""
-    import io
-
-    import torch
-    from safetensors.torch import save
-
-    from service.errors import BundleInvalid
-
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for files it refuses
-        raise BundleInvalid("bad_weights", f"{name} could not be loaded as plain tensors: {exc}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BundleInvalid("bad_weights", f"{name} does not hold a flat dict of tensors")
-    return save({k: v.contiguous() for k, v in state.items()})
 
 
 def _register_optional_commands() -> None:

@@ -8,13 +8,16 @@ a head `head_config.json` plus `model_head.safetensors` (or `pytorch_model_head.
 `heads.<name>.<index>.weight` in the head's `nn.Sequential` (dropout, linear, activation, dropout, linear).
 
 Served exactly: the two sequential bottleneck wirings (`original_ln_after: true, residual_before_ln: true,
-adapter_residual_before_ln: false`, no adapter LayerNorms, no gating): Houlsby's (`double_seq_bn`:
+adapter_residual_before_ln: false`, no gating): Houlsby's (`double_seq_bn`:
 `original_ln_before: false`, the adapter reads the projection's output h: LN(h + adapter(h) + x)) and
 Pfeiffer's (`seq_bn`: `original_ln_before: true`, the adapter reads LN(z), z = h + x: LN(z + adapter(LN(z))),
 `AdapterConfig.reads = "normed"`), on the attention point, the feed-forward point or both, with `leave_out`
 layers (zero adapters there), any reduction factor, swish/relu/gelu, and a numeric `scaling` (multiplied into
-the up-projection). Refused with a message naming it: parallel adapters, Compacter/PHM, gating, adapter
-LayerNorms, learned scaling, and prefix tuning, LoRA, IA3, fusion or stacks.
+the up-projection), and the adapter's own LayerNorms (`ln_before`: on its input, `adapter_down.0`, the
+down-projection then `adapter_down.1`; `ln_after`: `adapter_norm_after` on its scaled output, before the
+residual add; `AdapterConfig.ln_before / ln_after`). Refused with a message naming it: parallel adapters,
+Compacter/PHM, gating, `adapter_residual_before_ln`, learned scaling, and prefix tuning, LoRA, IA3, fusion or
+stacks.
 
 Heads: classification (regression when it has one label), multi-label classification, tagging and
 question answering, 1 or 2 layers (tanh between them), read from the first token (`use_pooler: false`).
@@ -42,16 +45,18 @@ HEAD_WEIGHTS_FILE = "model_head.safetensors"
 PICKLED = {"pytorch_adapter.bin": WEIGHTS_FILE, "pytorch_model_head.bin": HEAD_WEIGHTS_FILE}
 """AdapterHub's default (pickled) file names and the safetensors names they stand for."""
 
-_REQUIRED = {"original_ln_after": True, "residual_before_ln": True, "adapter_residual_before_ln": False, "ln_before": False, "ln_after": False, "is_parallel": False,
-             "phm_layer": False, "use_gating": False, "cross_adapter": False, "inv_adapter": None}
+_REQUIRED = {"original_ln_after": True, "residual_before_ln": True, "adapter_residual_before_ln": False,
+             "is_parallel": False, "phm_layer": False, "use_gating": False, "cross_adapter": False, "inv_adapter": None}
 _WHY = {"is_parallel": "parallel adapters", "phm_layer": "Compacter / PHM layers", "use_gating": "gated adapters",
-        "ln_before": "adapter LayerNorms", "ln_after": "adapter LayerNorms", "inv_adapter": "invertible adapters",
-        "cross_adapter": "cross-attention adapters"}
+        "adapter_residual_before_ln": "the adapter's residual inside its own LayerNorm",
+        "inv_adapter": "invertible adapters", "cross_adapter": "cross-attention adapters"}
+LN_EPS = 1e-5
+"""eps of the adapters' own LayerNorms (`nn.LayerNorm(hidden)` in the library: its default)."""
 _ACTIVATIONS = {"swish": Activation.SWISH, "silu": Activation.SWISH, "relu": Activation.RELU,
                 "gelu": Activation.GELU}
 _POINT = {"attention.output": "attn", "output": "ffn"}
 _KEY = re.compile(r"^(?:.*\.)?(?:encoder|transformer)\.layer\.(\d+)\.(attention\.output|output)\.adapters\.([^.]+)\."
-                  r"(adapter_down\.0|adapter_up)\.(weight|bias)$")
+                  r"(adapter_down\.[01]|adapter_up|adapter_norm_before|adapter_norm_after)\.(weight|bias)$")
 
 
 def is_adapterhub_config(raw: bytes) -> bool:
@@ -77,7 +82,7 @@ def _json(raw: bytes, name: str) -> dict[str, Any]:
 
 
 def _adapter_config(cfg: Mapping[str, Any], backbone: BackboneRef,
-                    ) -> tuple[Activation, float, set[int], Literal["projection", "normed"]]:
+                    ) -> tuple[Activation, float, set[int], Literal["projection", "normed"], bool, bool]:
     arch = cfg.get("architecture")
     if arch not in (None, "bottleneck"):
         raise _fail(f"AdapterHub architecture {arch!r} is not supported: only bottleneck adapters are imported")
@@ -95,8 +100,12 @@ def _adapter_config(cfg: Mapping[str, Any], backbone: BackboneRef,
     if not isinstance(leave_out, list) or not all(isinstance(x, int) for x in leave_out):
         raise BundleInvalid("bad_adapterhub_config", f"leave_out must be a list of layer indices, got {leave_out!r}")
     reads: Literal["projection", "normed"] = "normed" if cfg.get("original_ln_before", False) else "projection"
+    ln = {key: cfg.get(key, False) for key in ("ln_before", "ln_after")}
+    if not all(isinstance(v, bool) for v in ln.values()):
+        raise BundleInvalid("bad_adapterhub_config", f"ln_before / ln_after must be true or false, got {ln}")
     # as the library: a layer is left out when its index is listed (no negative or out-of-range resolution)
-    return _ACTIVATIONS[act], float(scaling), {x for x in leave_out if 0 <= x < backbone.num_layers}, reads
+    return (_ACTIVATIONS[act], float(scaling), {x for x in leave_out if 0 <= x < backbone.num_layers}, reads,
+            ln["ln_before"], ln["ln_after"])
 
 
 def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: BackboneRef,
@@ -107,7 +116,13 @@ def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: Backb
     if meta.get("hidden_size") not in (None, backbone.hidden_size):
         raise BundleInvalid("hidden_size_mismatch", f"the adapter is for hidden size {meta['hidden_size']}, the "
                             f"backbone's is {backbone.hidden_size}")
-    activation, scaling, leave_out, reads = _adapter_config(cfg, backbone)
+    activation, scaling, leave_out, reads, ln_before, ln_after = _adapter_config(cfg, backbone)
+    # module -> our part: with ln_before, adapter_down is (LayerNorm, Linear, act), else (Linear, act)
+    modules = {"adapter_down.0": "ln_before" if ln_before else "down", "adapter_up": "up"}
+    if ln_before:  # the library's state dict has its input LayerNorm twice: also as adapter_norm_before
+        modules |= {"adapter_down.1": "down", "adapter_norm_before": "ln_before (again)"}
+    if ln_after:
+        modules["adapter_norm_after"] = "ln_after"
     if WEIGHTS_FILE not in files:
         raise BundleInvalid("missing_file", f"{WEIGHTS_FILE} missing (pickled {next(iter(PICKLED))} is read by "
                             "the local CLI only)")
@@ -122,8 +137,16 @@ def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: Backb
             raise BundleInvalid("num_layers_mismatch", f"adapter weights for layer {layer}, the backbone has "
                                 f"{backbone.num_layers} layers")
         names.add(name)
-        part = ("down." if m.group(4).startswith("adapter_down") else "up.") + m.group(5)
-        parts.setdefault((layer, point), {})[part] = value
+        if m.group(4) not in modules:
+            raise _fail(f"weights the service cannot serve with this config (ln_before={ln_before}, "
+                        f"ln_after={ln_after}): {key}")
+        parts.setdefault((layer, point), {})[f"{modules[m.group(4)]}.{m.group(5)}"] = value
+    for found in parts.values():  # the second copy of the input LayerNorm must be the first
+        for part in ("weight", "bias"):
+            again = found.pop(f"ln_before (again).{part}", None)
+            if again is not None and (f"ln_before.{part}" not in found
+                                      or not torch.equal(again, found[f"ln_before.{part}"])):
+                raise BundleInvalid("bad_weights", "adapter_norm_before and adapter_down.0 (the same LayerNorm) differ")
     if len(names) != 1:
         raise _fail(f"the folder holds adapters {sorted(names)}: import one adapter (no fusion or stacks)")
     points = {p for _, p in parts}
@@ -132,7 +155,9 @@ def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: Backb
     m_width = next(iter(parts.values()))["down.weight"].shape[0]
     d = backbone.hidden_size
     placement = Placement.PFEIFFER if points == {"ffn"} else Placement.HOULSBY
-    adapter = AdapterConfig(placement=placement, bottleneck=m_width, activation=activation, reads=reads)
+    adapter = AdapterConfig(placement=placement, bottleneck=m_width, activation=activation, reads=reads,
+                            ln_before=ln_before, ln_after=ln_after, ln_eps=LN_EPS)
+    norms = [n for n, on in (("ln_before", ln_before), ("ln_after", ln_after)) if on]
     tensors: dict[str, torch.Tensor] = {}
     for layer in range(backbone.num_layers):
         for point in adapter.points:
@@ -140,9 +165,12 @@ def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: Backb
             if got is None:  # left out (leave_out), or a placement on one point only: no adapter there, exactly
                 if layer not in leave_out and point in points:
                     raise BundleInvalid("missing_tensor", f"no adapter weights for layer {layer} ({point})")
+                # (an output LayerNorm of zeros too: LN_after(0) would be its bias, not 0)
                 got = {"down.weight": torch.zeros(m_width, d), "down.bias": torch.zeros(m_width),
-                       "up.weight": torch.zeros(d, m_width), "up.bias": torch.zeros(d)}
-            missing = {"down.weight", "down.bias", "up.weight", "up.bias"} - set(got)
+                       "up.weight": torch.zeros(d, m_width), "up.bias": torch.zeros(d),
+                       **{f"{n}.{part}": torch.zeros(d) for n in norms for part in ("weight", "bias")}}
+            missing = {"down.weight", "down.bias", "up.weight", "up.bias",
+                       *(f"{n}.{part}" for n in norms for part in ("weight", "bias"))} - set(got)
             if missing:
                 raise BundleInvalid("missing_tensor", f"layer {layer} ({point}): {sorted(missing)} missing")
             if got["down.weight"].shape != (m_width, d) or got["up.weight"].shape != (d, m_width):
@@ -152,6 +180,12 @@ def convert_adapterhub(files: Mapping[str, bytes], *, task: str, backbone: Backb
             tensors[adapter_key(layer, point, "down.bias")] = got["down.bias"].contiguous()
             tensors[adapter_key(layer, point, "up.weight")] = (got["up.weight"] * scaling).T.contiguous()
             tensors[adapter_key(layer, point, "up.bias")] = (got["up.bias"] * scaling).contiguous()
+            for n in norms:
+                for part in ("weight", "bias"):
+                    if got[f"{n}.{part}"].shape != (d,):
+                        raise BundleInvalid("bad_shape", f"layer {layer} ({point}): {n}.{part} has shape "
+                                            f"{list(got[f'{n}.{part}'].shape)}; expected [{d}]")
+                    tensors[adapter_key(layer, point, f"{n}.{part}")] = got[f"{n}.{part}"].contiguous()
     head_type, head_cfg, head_tensors, head_labels = _head(files, backbone, labels)
     try:
         manifest = Manifest(task=task, head_type=head_type, labels=head_labels, head=head_cfg, adapter=adapter,
@@ -257,6 +291,8 @@ def export_adapterhub(manifest: Manifest, tensors: Mapping[str, torch.Tensor], n
     cfg = manifest.adapter
     if cfg.train_layernorm:
         raise _fail("task-specific LayerNorms have no AdapterHub equivalent")
+    if cfg.own_norms and cfg.ln_eps != LN_EPS:
+        raise _fail(f"adapter LayerNorms with eps {cfg.ln_eps} have no AdapterHub equivalent (its eps is {LN_EPS})")
     kind = manifest.kind
     if kind.sequence_level and manifest.head.pooling != "cls":
         raise _fail(f"a sequence head pooling by {manifest.head.pooling!r} has no AdapterHub equivalent (its heads "
@@ -273,8 +309,14 @@ def export_adapterhub(manifest: Manifest, tensors: Mapping[str, torch.Tensor], n
     for layer in range(layers):
         for point in cfg.points:
             base = f"{prefix}.encoder.layer.{layer}.{points[point]}.adapters.{name}"
-            weights[f"{base}.adapter_down.0.weight"] = tensors[adapter_key(layer, point, "down.weight")].T.contiguous()
-            weights[f"{base}.adapter_down.0.bias"] = tensors[adapter_key(layer, point, "down.bias")].contiguous()
+            down = f"{base}.adapter_down.1" if cfg.ln_before else f"{base}.adapter_down.0"
+            weights[f"{down}.weight"] = tensors[adapter_key(layer, point, "down.weight")].T.contiguous()
+            weights[f"{down}.bias"] = tensors[adapter_key(layer, point, "down.bias")].contiguous()
+            for on, module, ours in ((cfg.ln_before, "adapter_down.0", "ln_before"),
+                                     (cfg.ln_after, "adapter_norm_after", "ln_after")):
+                if on:
+                    for part in ("weight", "bias"):
+                        weights[f"{base}.{module}.{part}"] = tensors[adapter_key(layer, point, f"{ours}.{part}")]
             weights[f"{base}.adapter_up.weight"] = tensors[adapter_key(layer, point, "up.weight")].T.contiguous()
             weights[f"{base}.adapter_up.bias"] = tensors[adapter_key(layer, point, "up.bias")].contiguous()
     rf = d / m
@@ -283,7 +325,8 @@ def export_adapterhub(manifest: Manifest, tensors: Mapping[str, torch.Tensor], n
     config = {"mh_adapter": cfg.placement is Placement.HOULSBY, "output_adapter": True, "reduction_factor": rf,
               "non_linearity": _EXPORT_ACTIVATIONS[cfg.activation], "original_ln_before": cfg.reads == "normed",
               "original_ln_after": True, "residual_before_ln": True, "adapter_residual_before_ln": False,
-              "ln_before": False, "ln_after": False, "is_parallel": False, "scaling": 1.0, "use_gating": False,
+              "ln_before": cfg.ln_before, "ln_after": cfg.ln_after, "is_parallel": False, "scaling": 1.0,
+              "use_gating": False,
               "init_weights": "bert", "leave_out": [], "dropout": 0.0}
     meta = {"config": config, "hidden_size": d, "model_class": f"{prefix.capitalize()}AdapterModel",
             "model_name": manifest.backbone.id, "model_type": manifest.backbone.model_type, "name": name,

@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from service.bundles.layout import expected_shapes, label_problem
-from service.bundles.manifest import FORMAT_VERSION, TASK_NAME_RE, BackboneRef, Manifest
+from service.bundles.manifest import FORMAT_VERSION, TASK_NAME_RE, AdapterConfig, BackboneRef, Manifest
 from service.errors import BackboneMismatch, BundleInvalid, BundleTooLarge
 from service.kinds import kind_names
 
@@ -64,7 +64,7 @@ def read_float_tensors(raw: bytes, name: str) -> dict[str, torch.Tensor]:
 
 def manifest_json(manifest: Manifest) -> str:
     """The manifest as stored in a bundle. Fields added after format 1 shipped are written only when they
-    differ from their defaults (lora, token_type_ids, adapter.reads), so a replica that predates them still
+    differ from their defaults (lora, token_type_ids, adapter.reads / ln_before / ln_after / ln_eps), so a replica that predates them still
     reads every bundle that does not use them (a rolling upgrade); `backbone.intermediate_size` only where
     LoRA on the feed-forward needs it."""
     data = json.loads(manifest.model_dump_json())
@@ -72,8 +72,11 @@ def manifest_json(manifest: Manifest) -> str:
         data.pop("lora", None)
     if manifest.token_type_ids:
         data.pop("token_type_ids", None)
-    if manifest.adapter is not None and manifest.adapter.reads == "projection":
-        data["adapter"].pop("reads", None)
+    if manifest.adapter is not None:
+        defaults = AdapterConfig.model_fields
+        for name in ("reads", "ln_before", "ln_after", "ln_eps"):
+            if getattr(manifest.adapter, name) == defaults[name].default:
+                data["adapter"].pop(name, None)
     if manifest.lora is None or not {"ffn_in", "ffn_out"} & set(manifest.lora.targets):
         data["backbone"].pop("intermediate_size", None)
     return json.dumps(data, separators=(",", ":"))

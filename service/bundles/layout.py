@@ -5,6 +5,8 @@ Adapter weights use the `x @ weight` convention, so they copy straight into the 
     adapter.{layer}.{point}.down.weight  [d, m]     adapter.{layer}.{point}.down.bias  [m]
     adapter.{layer}.{point}.up.weight    [m, d]     adapter.{layer}.{point}.up.bias    [d]
     adapter.{layer}.{point}.norm.weight  [d]        adapter.{layer}.{point}.norm.bias  [d]   (train_layernorm only)
+    adapter.{layer}.{point}.ln_before.weight [d]    adapter.{layer}.{point}.ln_before.bias [d] (ln_before only)
+    adapter.{layer}.{point}.ln_after.weight [d]     adapter.{layer}.{point}.ln_after.bias [d]  (ln_after only)
 
 LoRA (instead of adapters; `in`/`out` of the target projection, d or d_ff; B is not multiplied by the
 scaling, which the manifest records):
@@ -41,9 +43,10 @@ def adapter_shapes(manifest: Manifest) -> dict[str, Shape]:
             shapes[adapter_key(layer, point, "down.bias")] = (m,)
             shapes[adapter_key(layer, point, "up.weight")] = (m, d)
             shapes[adapter_key(layer, point, "up.bias")] = (d,)
-            if cfg.train_layernorm:
-                shapes[adapter_key(layer, point, "norm.weight")] = (d,)
-                shapes[adapter_key(layer, point, "norm.bias")] = (d,)
+            for flag, norm in ((cfg.train_layernorm, "norm"), (cfg.ln_before, "ln_before"), (cfg.ln_after, "ln_after")):
+                if flag:
+                    shapes[adapter_key(layer, point, f"{norm}.weight")] = (d,)
+                    shapes[adapter_key(layer, point, f"{norm}.bias")] = (d,)
     return shapes
 
 

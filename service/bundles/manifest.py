@@ -57,12 +57,23 @@ class AdapterConfig(BaseModel):
         "(Houlsby et al.: LN(h + adapter(h) + x), x the sub-layer's input), or that output after the residual "
         "add and the sub-layer's LayerNorm (AdapterHub's seq_bn wiring: LN(z + adapter(LN(z))), z = h + x)")
 
+    ln_before: bool = Field(False, description="the adapter's own LayerNorm on its input, before the "
+                            "down-projection (AdapterHub's ln_before): adapter(x) = up(act(down(LN_a(x))))")
+    ln_after: bool = Field(False, description="the adapter's own LayerNorm on its output, before the residual "
+                           "add (AdapterHub's ln_after with adapter_residual_before_ln false)")
+    ln_eps: float = Field(1e-5, gt=0, le=1e-2, description="eps of the adapter's own LayerNorms")
+
     @model_validator(mode="after")
     def _normed_has_no_task_norm(self) -> AdapterConfig:
-        if self.reads == "normed" and self.train_layernorm:
-            raise ValueError("an adapter reading the LayerNorm's output uses the backbone's LayerNorm: "
-                             "train_layernorm must be false")
+        if self.train_layernorm and (self.reads == "normed" or self.ln_before or self.ln_after):
+            raise ValueError("an adapter reading the LayerNorm's output, or with LayerNorms of its own, keeps the "
+                             "backbone's LayerNorm: train_layernorm must be false")
         return self
+
+    @property
+    def own_norms(self) -> bool:
+        """Whether the adapter has LayerNorms of its own (served per task, outside the batched paths)."""
+        return self.ln_before or self.ln_after
 
     @property
     def points(self) -> tuple[str, ...]:

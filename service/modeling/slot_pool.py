@@ -34,6 +34,10 @@ NO_ADAPTER = 0
 Activate = Callable[[torch.Tensor], torch.Tensor]
 # One slot's adapter at one point: down_w [d, m], down_b [m], up_w [m, d], up_b [d], activation
 SlotView = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Activate]
+# A separate slot's adapter at one point: its SlotView, then its own LayerNorms' (weight, bias) before and
+# after (None where it has none) and their eps
+Affine = tuple[torch.Tensor, torch.Tensor]
+SeparateView = tuple[SlotView, Affine | None, Affine | None, float]
 
 
 class SharedExclusiveLock:
@@ -84,6 +88,13 @@ class SlotSpec:
     points: frozenset[str]
     has_norm: bool
     normed: bool = False  # reads the sub-layer's LayerNorm output (AdapterConfig.reads), applied by RoutedLayerNorm
+    own_norms: bool = False  # LayerNorms of its own (AdapterConfig.ln_before / ln_after)
+
+    @property
+    def separate(self) -> bool:
+        """Applied segment by segment outside the batched paths (`SlotPool.apply_separate_adapters`,
+        `apply_normed_adapters`): the batched paths read zeros at its slot."""
+        return self.normed or self.own_norms
 
 
 @dataclass(frozen=True)
@@ -105,7 +116,8 @@ class Routing:
     real_tokens: torch.Tensor | None = None  # [n] long: the token at each of those places
     lora_slots: frozenset[int] = frozenset()  # the slots in this batch that hold LoRA tasks
     normed_slots: frozenset[int] = frozenset()  # the slots whose adapters read the LayerNorm output
-    adapter_row_slots: torch.Tensor | None = None  # padded gather: row_slots with normed slots as 0 (None: same)
+    separate_slots: frozenset[int] = frozenset()  # projection-time slots applied apart (adapter LayerNorms)
+    adapter_row_slots: torch.Tensor | None = None  # padded gather: row_slots with separate slots as 0 (None: same)
     # Packed gather with LoRA tasks (see `LoraPool.apply`): the batch's LoRA slots, and which of their
     # stacked rank columns each token reads ([N, n*r], 0/1 in the compute dtype)
     lora_select: torch.Tensor | None = None
@@ -152,7 +164,12 @@ class SlotPool:
         # slot -> per point p: (down_w [d,m], down_b [m], up_w [m,d], up_b [d], activation) views, or None
         # where the slot has no adapter. Built at write time so the hot path does no tensor indexing.
         self._views: dict[int, list[SlotView | None]] = {}
-        self._normed_views: dict[int, list[SlotView | None]] = {}  # the same, for adapters reading the norm output
+        # the same for separate slots (adapters reading the norm output, or with LayerNorms of their own)
+        self._separate_views: dict[int, list[SeparateView | None]] = {}
+        # the adapters' own LayerNorms [P, S, d] (ln_before, ln_after: weight, bias), allocated by the first
+        # task that has them (never replaced: views into them stay valid)
+        self.own_norms: dict[str, torch.Tensor] = {}
+        self._norm_cfg: dict[int, tuple[bool, bool, float]] = {}  # slot -> (ln_before, ln_after, eps)
         # Forwards hold it shared (several may run at once: each reads only its own pinned slots); a
         # capacity growth, which replaces the pool tensors, takes it exclusive.
         self.lock = SharedExclusiveLock()
@@ -203,9 +220,13 @@ class SlotPool:
             if cfg.train_layernorm:
                 self.norm_w[:, slot].index_copy_(0, idx, stacked("norm.weight"))
                 self.norm_b[:, slot].index_copy_(0, idx, stacked("norm.bias"))
-            spec = SlotSpec(m, cfg.activation, frozenset(cfg.points), cfg.train_layernorm, cfg.reads == "normed")
-            (self._normed_views if spec.normed else self._views)[slot] = self._slot_views(slot, spec)
-            (self._views if spec.normed else self._normed_views).pop(slot, None)
+            for name, on in (("ln_before", cfg.ln_before), ("ln_after", cfg.ln_after)):
+                if on:
+                    for part in ("weight", "bias"):
+                        self._own_norm(f"{name}.{part}")[:, slot].index_copy_(0, idx, stacked(f"{name}.{part}"))
+            spec = SlotSpec(m, cfg.activation, frozenset(cfg.points), cfg.train_layernorm, cfg.reads == "normed",
+                            cfg.own_norms)
+            self._set_views(slot, spec, cfg)
             self.specs[slot] = spec
 
     def write_lora(self, slot: int, cfg: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -233,8 +254,36 @@ class SlotPool:
         """Mark `slot` free of any adapter (its stale weights are zeroed by the next write or `clear`)."""
         self.specs.pop(slot, None)
         self._views.pop(slot, None)
-        self._normed_views.pop(slot, None)
+        self._separate_views.pop(slot, None)
+        self._norm_cfg.pop(slot, None)
         self.lora.forget(slot)
+
+    def _own_norm(self, name: str) -> torch.Tensor:
+        """The pool tensor [P, S, d] of the adapters' own LayerNorm part `name` (allocated on first use)."""
+        if name not in self.own_norms:
+            P, S, d = self.down_w.shape[0], self.num_slots, self.hidden
+            fill = 1.0 if name.endswith("weight") else 0.0
+            self.own_norms[name] = torch.full((P, S, d), fill, device=self.device, dtype=self.dtype)
+        return self.own_norms[name]
+
+    def _set_views(self, slot: int, spec: SlotSpec, cfg: AdapterConfig | None = None) -> None:
+        """Build `slot`'s views: batched slots in `_views`, separate ones in `_separate_views`."""
+        if cfg is not None:
+            self._norm_cfg[slot] = (cfg.ln_before, cfg.ln_after, cfg.ln_eps)
+        if not spec.separate:
+            self._views[slot] = self._slot_views(slot, spec)
+            self._separate_views.pop(slot, None)
+            return
+        before, after, eps = self._norm_cfg.get(slot, (False, False, 1e-5))
+        views: list[SeparateView | None] = []
+        for p, view in enumerate(self._slot_views(slot, spec)):
+            pre = (self.own_norms["ln_before.weight"][p, slot], self.own_norms["ln_before.bias"][p, slot]) \
+                if before else None
+            post = (self.own_norms["ln_after.weight"][p, slot], self.own_norms["ln_after.bias"][p, slot]) \
+                if after else None
+            views.append(None if view is None else (view, pre, post, eps))
+        self._separate_views[slot] = views
+        self._views.pop(slot, None)
 
     def _slot_views(self, slot: int, spec: SlotSpec) -> list[SlotView | None]:
         act, m = ACTIVATIONS[spec.activation], spec.bottleneck
@@ -252,6 +301,8 @@ class SlotPool:
             t[:, slot].zero_()
         self.norm_w[:, slot].copy_(self._base_norm_w)
         self.norm_b[:, slot].copy_(self._base_norm_b)
+        for name, t in self.own_norms.items():
+            t[:, slot].fill_(1.0 if name.endswith("weight") else 0.0)
 
     def _grow(self, bottleneck: int) -> None:
         """Widen the bottleneck capacity (rare: a task with a larger m than any before). Zero-padding is exact:
@@ -262,8 +313,8 @@ class SlotPool:
         self.up_w = F.pad(self.up_w, (0, 0, 0, extra))
         # a copy: an eviction may `forget` a slot meanwhile (it takes no write lock)
         specs = list(self.specs.items())
-        self._views = {slot: self._slot_views(slot, spec) for slot, spec in specs if not spec.normed}
-        self._normed_views = {slot: self._slot_views(slot, spec) for slot, spec in specs if spec.normed}
+        for slot, spec in specs:
+            self._set_views(slot, spec)
 
     # --- routing -------------------------------------------------------------------------------
 
@@ -276,13 +327,14 @@ class SlotPool:
         With the rows' token `lengths`, the segment strategy computes adapters on real tokens only when
         padding exceeds `1 - pack_below` of the batch (pad positions never reach a real token: attention
         masks them out)."""
-        specs, normed = self._batch_specs(segments)
+        specs, normed, separate = self._batch_specs(segments)
         lora = frozenset(s.slot for s in segments if s.slot in self.lora.targets)
         row_slots = torch.tensor(
             [s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long, device=self.device
         )
-        adapter_rows = None if not normed else torch.tensor(  # projection-time gather: normed slots read zeros
-            [NO_ADAPTER if s.slot in normed else s.slot for s in segments for _ in range(s.stop - s.start)],
+        apart = normed | separate
+        adapter_rows = None if not apart else torch.tensor(  # the batched paths read zeros at separate slots
+            [NO_ADAPTER if s.slot in apart else s.slot for s in segments for _ in range(s.stop - s.start)],
             dtype=torch.long, device=self.device)
         token_index: torch.Tensor | None = None
         bounds: tuple[tuple[int, int], ...] = ()
@@ -294,7 +346,7 @@ class SlotPool:
                 ends = torch.tensor(lengths).cumsum(0).tolist()
                 bounds = tuple((ends[s.start - 1] if s.start else 0, ends[s.stop - 1]) for s in segments)
         return Routing(tuple(segments), row_slots, specs, strategy, token_index, bounds, lora_slots=lora,
-                       normed_slots=normed, adapter_row_slots=adapter_rows)
+                       normed_slots=normed, separate_slots=separate, adapter_row_slots=adapter_rows)
 
     def routing_packed(self, segments: Sequence[Segment], offsets: Sequence[int], strategy: Strategy,
                        total_tokens: int | None = None, bucket_shapes: bool = False) -> Routing:
@@ -304,7 +356,7 @@ class SlotPool:
         past the segments, up to `total_tokens` (a batch padded to a size bucket), get no adapter.
         `bucket_shapes` rounds the gather layout up to k a multiple of 4 and L of 16, so that batches repeat
         a few matmul shapes (see `Engine.token_bucket`)."""
-        specs, normed = self._batch_specs(segments)
+        specs, normed, separate = self._batch_specs(segments)
         lora = frozenset(s.slot for s in segments if s.slot in self.lora.targets)
         slots = torch.tensor([s.slot for s in segments])
         counts = torch.tensor([offsets[s.stop] - offsets[s.start] for s in segments])
@@ -327,7 +379,7 @@ class SlotPool:
                       "real_tokens": torch.cat([torch.arange(a, b) for _, a, b in adapted])}
         token_slots = F.pad(slots.repeat_interleave(counts), (0, pad), value=NO_ADAPTER).to(self.device)
         return Routing(tuple(segments), row_slots.to(self.device), specs, strategy, None, bounds, packed=True,
-                       lora_slots=lora, normed_slots=normed, token_slots=token_slots,
+                       lora_slots=lora, normed_slots=normed, separate_slots=separate, token_slots=token_slots,
                        **{k: v.to(self.device) for k, v in gather.items()},
                        **self._lora_columns(lora, token_slots, strategy))
 
@@ -341,12 +393,15 @@ class SlotPool:
         columns = select.repeat_interleave(self.lora.rank_capacity)  # [n * r]
         return {"lora_select": select, "lora_mask": (token_slots.unsqueeze(-1) == columns).to(self.dtype)}
 
-    def _batch_specs(self, segments: Sequence[Segment]) -> tuple[dict[int, SlotSpec], frozenset[int]]:
-        """(slot -> spec of the batch's adapters read at the projection, the slots whose adapters read the
-        LayerNorm output instead)."""
+    def _batch_specs(self, segments: Sequence[Segment]
+                     ) -> tuple[dict[int, SlotSpec], frozenset[int], frozenset[int]]:
+        """(slot -> spec of the batch's adapters the batched paths apply at the projection, the slots whose
+        adapters read the LayerNorm output instead, the projection-time slots applied apart)."""
         specs = {s.slot: spec for s in segments if (spec := self.specs.get(s.slot)) is not None}
         normed = frozenset(slot for slot, spec in specs.items() if spec.normed)
-        return {slot: spec for slot, spec in specs.items() if not spec.normed}, normed
+        separate = frozenset(slot for slot, spec in specs.items() if spec.separate and not spec.normed)
+        batched = {slot: spec for slot, spec in specs.items() if not spec.separate}
+        return batched, normed, separate
 
     @contextlib.contextmanager
     def route(self, routing: Routing) -> Iterator[None]:
@@ -465,16 +520,38 @@ class SlotPool:
         the rows of slots whose adapters read the LayerNorm output, adapter(LN(z)) with the backbone's
         LayerNorm: the caller's LayerNorm then gives LN(z + adapter(LN(z))). In place, segment by segment."""
         d = z.shape[-1]
-        for i, seg in enumerate(r.segments):
-            views = self._normed_views.get(seg.slot) if seg.slot in r.normed_slots else None
-            v = views[p] if views is not None else None
-            if v is None:
-                continue
-            down_w, down_b, up_w, up_b, act = v
-            zs = z[r.packed_bounds[i][0] : r.packed_bounds[i][1]] if r.packed else z[seg.start : seg.stop].view(-1, d)
-            a = F.layer_norm(zs, (d,), self._base_norm_w[p], self._base_norm_b[p], eps)
-            zs.add_(torch.addmm(up_b, act(torch.addmm(down_b, a, down_w)), up_w))
+        for zs, v in self._separate_segments(p, z, r, r.normed_slots):
+            zs.add_(self._separate_adapter(F.layer_norm(zs, (d,), self._base_norm_w[p], self._base_norm_b[p], eps), v))
         return z
+
+    def apply_separate_adapters(self, p: int, h: torch.Tensor, r: Routing) -> torch.Tensor:
+        """h (the projection's output, [B, T, d] or packed [N, d]) plus, for the rows of `r.separate_slots`,
+        their adapter of h (with its own LayerNorms). In place, segment by segment."""
+        for hs, v in self._separate_segments(p, h, r, r.separate_slots):
+            hs.add_(self._separate_adapter(hs, v))
+        return h
+
+    def _separate_segments(self, p: int, x: torch.Tensor, r: Routing, slots: frozenset[int]
+                           ) -> Iterator[tuple[torch.Tensor, SeparateView]]:
+        """(the [n, d] view of x holding a segment's tokens, its slot's view at point p) for each segment of
+        `slots` with an adapter at p."""
+        d = x.shape[-1]
+        for i, seg in enumerate(r.segments):
+            views = self._separate_views.get(seg.slot) if seg.slot in slots else None
+            v = views[p] if views is not None else None
+            if v is not None:
+                yield (x[r.packed_bounds[i][0] : r.packed_bounds[i][1]] if r.packed
+                       else x[seg.start : seg.stop].view(-1, d)), v
+
+    @staticmethod
+    def _separate_adapter(x: torch.Tensor, v: SeparateView) -> torch.Tensor:
+        """LN_after(act(LN_before(x) @ down_w + down_b) @ up_w + up_b), each LayerNorm only where the task has
+        it (AdapterHub's ln_before / ln_after; the scaling is in the up-projection)."""
+        (down_w, down_b, up_w, up_b, act), before, after, eps = v
+        d = x.shape[-1]
+        a = F.layer_norm(x, (d,), before[0], before[1], eps) if before is not None else x
+        u = torch.addmm(up_b, act(torch.addmm(down_b, a, down_w)), up_w)
+        return F.layer_norm(u, (d,), after[0], after[1], eps) if after is not None else u
 
     def apply_norm(self, p: int, x: torch.Tensor, eps: float, r: Routing) -> torch.Tensor:
         """LayerNorm with each row's slot's affine parameters (the backbone's own where a task has none)."""
@@ -501,9 +578,13 @@ class RoutedProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h: torch.Tensor = self.base(x)
         r = self._pool[0].current()
-        if r is None or not r.any_adapter:
+        if r is None:
             return h
-        return self._pool[0].apply_adapters(self.p, h, r)
+        if r.any_adapter:
+            h = self._pool[0].apply_adapters(self.p, h, r)
+        if r.separate_slots:
+            h = self._pool[0].apply_separate_adapters(self.p, h, r)
+        return h
 
 
 class RoutedLayerNorm(nn.Module):

@@ -24,6 +24,24 @@ from service.modeling.backbone import Backbone
 MAX_IMPORT_BYTES = 512 * 1024 * 1024
 
 
+def safetensors_from_pickle(data: bytes, name: str) -> bytes:
+    """A pickled weights file (PEFT's `adapter_model.bin`, AdapterHub's `pytorch_adapter.bin`, the libraries'
+    defaults) as safetensors bytes, loaded with torch.load(weights_only=True): tensors and plain containers
+    only, no code. For the local CLI alone; never reached over HTTP. Tensors the library saved twice under two
+    names (AdapterHub's `adapter_norm_before` is also `adapter_down.0`) are written as separate copies."""
+    import io
+
+    from safetensors.torch import save
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for files it refuses
+        raise BundleInvalid("bad_weights", f"{name} could not be loaded as plain tensors: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BundleInvalid("bad_weights", f"{name} does not hold a flat dict of tensors")
+    return save({k: v.contiguous().clone() for k, v in state.items()})
+
+
 def import_peft(files: Mapping[str, bytes], task: str, backbone: Backbone, labels: Sequence[str] | None = None,
                 ) -> bytes:
     """A PEFT LoRA folder's files (name -> bytes) as one validated bundle for `task` on `backbone`."""

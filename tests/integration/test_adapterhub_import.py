@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.bundles.adapterhub import PICKLED
 from service.bundles.codec import decode_bundle, encode_bundle
 from service.bundles.manifest import HeadType
 from service.bundles.store import LocalAdapterStore
 from service.errors import BundleInvalid
 from service.modeling.backbone import load_backbone
 from service.runtime.engine import Engine, RowRequest
-from service.runtime.imports import import_folder
+from service.runtime.imports import import_folder, safetensors_from_pickle
 from tests.conftest import REPO, make_manifest
 from tests.synthetic import random_tensors
 
@@ -58,10 +59,16 @@ SERVED = {
     "pfeiffer-seq-bn": ("seq_bn", "classification", 2, HeadType.CLASSIFICATION),  # the adapter reads LN(z)
     "pfeiffer-both-tagging": (_bn(original_ln_before=True, reduction_factor=8, non_linearity="gelu"), "tagging", 5,
                               HeadType.TOKEN_CLASSIFICATION),
+    # the adapter's own LayerNorms: on its input and on its output, one layer left out (its output norm must
+    # then give 0, not its bias), scaled; and the output one on the seq_bn wiring
+    "houlsby-adapter-norms": (_bn(ln_before=True, ln_after=True, leave_out=[1], scaling=2.0, non_linearity="relu"),
+                              "classification", 3, HeadType.CLASSIFICATION),
+    "pfeiffer-ln-after-qa": (_bn(mh_adapter=False, original_ln_before=True, ln_after=True), "qa", 2, HeadType.QA),
 }
 REFUSED = {  # name: (adapter config, words of the refusal)
     "parallel": ("par_bn", "parallel adapters"),
     "compacter": ("compacter[reduction_factor=4]", "Compacter"),
+    "residual-inside-norm": (_bn(ln_after=True, adapter_residual_before_ln=True), "residual inside its own LayerNorm"),
 }
 
 
@@ -93,7 +100,15 @@ def library(tiny_model_dirs, tmp_path_factory):
                                str(tiny_model_dirs[arch]), str(out / "folders"), str(out / f"cases-{arch}.json")],
                               capture_output=True, text=True, timeout=600)
         assert made.returncode == 0, made.stderr[-3000:]
-    return {name: {p.name: p.read_bytes() for p in (out / "folders" / name).iterdir()} for name in every}
+    return {name: _safetensors({p.name: p.read_bytes() for p in (out / "folders" / name).iterdir()}) for name in every}
+
+
+def _safetensors(files: dict[str, bytes]) -> dict[str, bytes]:
+    """A folder the library saved pickled (its default; the only way for ln_before) as the CLI reads it."""
+    for name, safe in PICKLED.items():
+        if name in files:
+            files[safe] = safetensors_from_pickle(files.pop(name), name)
+    return files
 
 
 def _arch(case: str) -> str:
@@ -246,7 +261,7 @@ def test_a_shipped_task_exported_to_adapterhub_predicts_the_same_there(library, 
         assert torch.allclose(res.logits, want.reshape(res.logits.shape), atol=ATOL), (res.logits - want).abs().max()
 
 
-@pytest.mark.parametrize("case", ["houlsby-relu-scaled", "pfeiffer-seq-bn"])
+@pytest.mark.parametrize("case", ["houlsby-relu-scaled", "pfeiffer-seq-bn", "houlsby-adapter-norms"])
 def test_an_exported_classifier_round_trips_and_mean_pooled_heads_are_refused(library, tiny_model_dirs, tmp_path,
                                                                              case):
     """A classification task with a [CLS] head exports (either wiring), loads in the library and predicts the

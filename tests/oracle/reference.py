@@ -36,6 +36,11 @@ with adapter config (placement, m, act, train_layernorm) and bundle tensors:
 
       LN(z + (act(LN(z) @ D + b_D) @ U + b_U))      (the backbone's own LayerNorm both times)
 
+  With the adapter's own LayerNorms (AdapterHub's ln_before / ln_after; eps = the adapter config's ln_eps)
+  the adapter above becomes, for its input x,
+
+      LN_after(act(LN_before(x) @ D + b_D) @ U + b_U)      LN_before: adapter.l.p.ln_before.weight/bias, etc.
+
   Head, on the last hidden states H [T, d] of the row (its own tokens only):
   - sequence-level (classification, multilabel, regression):
         v = H[0] (pooling "cls": the first token) or mean_t H[t] (pooling "mean")
@@ -113,19 +118,26 @@ class Oracle:
 
                 down_w, down_b, up_w, up_b = t("down.weight"), t("down.bias"), t("up.weight"), t("up.bias")
                 assert down_w.shape == (manifest.backbone.hidden_size, cfg.bottleneck)
+                before = (t("ln_before.weight"), t("ln_before.bias")) if cfg.ln_before else None
+                after = (t("ln_after.weight"), t("ln_after.bias")) if cfg.ln_after else None
+
+                def adapter(x, dw=down_w, db=down_b, uw=up_w, ub=up_b, before=before, after=after, eps=cfg.ln_eps):
+                    a = layer_norm(x, *before, eps) if before is not None else x
+                    u = act(a @ dw + db) @ uw + ub
+                    return layer_norm(u, *after, eps) if after is not None else u
 
                 if cfg.reads == "normed":  # AdapterHub's seq_bn wiring: the LayerNorm gives LN(z + adapter(LN(z)))
-                    def normed_hook(module, inputs, _out, dw=down_w, db=down_b, uw=up_w, ub=up_b):
+                    def normed_hook(module, inputs, _out, adapter=adapter):
                         z = inputs[0]
                         a = layer_norm(z, module.weight, module.bias, module.eps)
-                        return layer_norm(z + (act(a @ dw + db) @ uw + ub), module.weight, module.bias, module.eps)
+                        return layer_norm(z + adapter(a), module.weight, module.bias, module.eps)
 
                     norm = layer.get_submodule(self.spec.norm(point))
                     handles.append(norm.register_forward_hook(normed_hook))
                     continue
 
-                def adapter_hook(module, inputs, h, dw=down_w, db=down_b, uw=up_w, ub=up_b):
-                    return h + (act(h @ dw + db) @ uw + ub)
+                def adapter_hook(module, inputs, h, adapter=adapter):
+                    return h + adapter(h)
 
                 projection = layer.get_submodule(self.spec.projection(point))
                 handles.append(projection.register_forward_hook(adapter_hook))

@@ -86,7 +86,10 @@ def main() -> None:
             optimizer.step()
         model.eval()
         target = out_dir / name
-        model.save_adapter(str(target), name, with_head=True, use_safetensors=True)
+        # the library cannot write an adapter with ln_before as safetensors (that LayerNorm is registered twice):
+        # such folders are saved as its default, pickled files
+        pickled = isinstance(case["config"], dict) and case["config"].get("ln_before", False)
+        model.save_adapter(str(target), name, with_head=True, use_safetensors=not pickled)
         (target / "expected.json").write_text(json.dumps({"logits": logits_of(model, rows)}))
 
 

@@ -45,6 +45,13 @@ TASKS = [
                                                        reads="normed"), {"pooling": "cls"}),
     ("normed-both", HeadType.TOKEN_CLASSIFICATION, AdapterConfig(bottleneck=6, activation="swish",
                                                                  reads="normed"), {}),
+    # adapters with LayerNorms of their own (AdapterHub's ln_before / ln_after), reading the projection or the
+    # LayerNorm output
+    ("own-norms", HeadType.CLASSIFICATION, AdapterConfig(bottleneck=8, ln_before=True, ln_after=True),
+     {"pooling": "cls"}),
+    ("own-norm-after-normed", HeadType.REGRESSION, AdapterConfig(placement="pfeiffer", bottleneck=4,
+                                                                 reads="normed", ln_after=True, ln_eps=1e-6),
+     {"pooling": "mean"}),
     # LoRA tasks (as imported from PEFT) in the same batches: query + value at rank 4, and every target at
     # rank 12 (> the LoRA pool's initial rank capacity of 8: the pool grows)
     ("lora-qv", HeadType.CLASSIFICATION, LoraConfig(rank=4, scaling=2.0, targets=("query", "value")),
@@ -260,7 +267,23 @@ def test_a_broken_lora_pool_is_caught(cases, monkeypatch, mode):
         assert_matches_oracle(engine, case, case.mixed)
 
 
-@pytest.mark.parametrize("before", ["pair", "lora-all"])  # task LayerNorms; LoRA on every projection
+@pytest.mark.parametrize("mode", list(MODES))
+def test_an_adapter_layernorm_left_out_is_caught(cases, monkeypatch, mode):
+    """The adapters' own LayerNorm after the up-projection is skipped: the rows of both tasks that have one
+    (reading the projection, and reading the LayerNorm output) must differ from the oracle."""
+    original = SlotPool._separate_adapter
+
+    def broken(x, v):
+        return original(x, (v[0], v[1], None, v[3]))
+    monkeypatch.setattr(SlotPool, "_separate_adapter", staticmethod(broken))
+    case = cases["bert"]
+    engine = engine_for(case, mode)
+    with pytest.raises(AssertionError, match=r"own-norm"):
+        assert_matches_oracle(engine, case, case.mixed)
+
+
+# task LayerNorms; LoRA on every projection; adapter LayerNorms
+@pytest.mark.parametrize("before", ["pair", "lora-all", "own-norms"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_a_head_only_task_in_a_reused_slot_reads_nothing_stale(cases, mode, before):
     """Two slots. A head-only task takes the slot of a task with its own LayerNorms (or of a LoRA task) and
@@ -272,7 +295,7 @@ def test_a_head_only_task_in_a_reused_slot_reads_nothing_stale(cases, mode, befo
     by_task: dict[str, list[RowRequest]] = {}
     for req in case.mixed:
         by_task.setdefault(req.task, []).append(req)
-    partner = {"pair": "reg", "lora-all": "lora-qv"}[before]  # also trains norms / also LoRA
+    partner = {"pair": "reg", "lora-all": "lora-qv", "own-norms": "own-norm-after-normed"}[before]  # also trains norms / also LoRA
     engine.run(by_task[before])
     engine.run(by_task[partner])  # the least recently used is now `before`: the head-only task gets its slot
     assert_matches_oracle(engine, case, by_task["headonly"] + by_task[partner])
