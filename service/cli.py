@@ -355,11 +355,13 @@ def _register_optional_commands() -> None:
         app.command("train")(train_command)
         app.command("evaluate")(evaluate_command)
     try:
-        from service.cluster.cli import store_sync_command
+        from service.cluster.cli import store_gc_command, store_migrate_command, store_sync_command
     except ImportError:
         pass
     else:
         store_app.command("sync")(store_sync_command)
+        store_app.command("gc")(store_gc_command)
+        store_app.command("migrate")(store_migrate_command)
 
 
 _register_optional_commands()

@@ -143,6 +143,41 @@ class ServiceSettings(BaseSettings):
         None, description="Name of this replica in cluster events and logs. Unset: `<hostname>-<pid>`."
     )
 
+    # --- object store (bundle bytes in S3, registry in Redis) ---------------------------------
+    s3_endpoint: str | None = Field(
+        None, description="S3-compatible endpoint URL (MinIO, SeaweedFS, Ceph, AWS) for bundle bytes. Set with "
+        "`ADAPTER_SERVICE_REDIS_URL`: bundles go to the bucket, Redis keeps the registry and events only. Unset: "
+        "bundles stay in Redis (or the local folder)."
+    )
+    s3_bucket: str = Field("adapter-bundles", min_length=3, description="Bucket holding the bundle objects.")
+    s3_prefix: str = Field(
+        "bundles", min_length=1, description="Key prefix inside the bucket: objects are "
+        "`<prefix>/<task>/<sha256>.safetensors` (content-addressed, never overwritten with other bytes)."
+    )
+    s3_region: str = Field("us-east-1", description="Region the S3 client signs requests for.")
+    s3_access_key_id: SecretStr | None = Field(
+        None, description="S3 access key id. Unset: boto3's own chain (AWS_* variables, instance profile, IRSA). "
+        "Never logged or returned."
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        None, description="S3 secret access key (with `ADAPTER_SERVICE_S3_ACCESS_KEY_ID`). Never logged or returned."
+    )
+    s3_timeout_s: float = Field(
+        5.0, gt=0, description="Connect and read timeout of S3 calls; an unreachable bucket answers 503 after it."
+    )
+    s3_gc_grace_s: float = Field(
+        3600.0, ge=0, description="`adapter-service store gc` leaves objects younger than this, whether referenced "
+        "or not (an upload between its object write and its registry write is never collected)."
+    )
+    blob_cache_dir: Path | None = Field(
+        None, description="Folder of the replica's on-disk cache of bundle bytes fetched from the bucket "
+        "(content-addressed, checksum-verified on read). Unset: `adapter-service-blobs` in the system temp dir."
+    )
+    blob_cache_bytes: int = Field(
+        2048 * MIB, ge=0, description="Bytes the on-disk blob cache may hold, least recently used out first "
+        "(0: off, every cold load reads the bucket)."
+    )
+
     @field_validator("device")
     @classmethod
     def _device_known(cls, v: str) -> str:

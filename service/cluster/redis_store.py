@@ -7,12 +7,17 @@ Key schema (`P` is the key prefix, default `adapter-service:`; one deployment pe
     P task:<t>:last           STRING  highest version ever allocated for <t>; survives delete (never reused)
     P task:<t>:versions       ZSET    live versions of <t> (member = score = version)
     P task:<t>:active         STRING  the active version of <t>
-    P task:<t>:v:<n>          HASH    bundle (bytes), sha256, size, stored_at (ISO 8601), manifest (JSON)
+    P task:<t>:v:<n>          HASH    sha256, size, stored_at (ISO 8601), manifest (JSON), and where the bytes
+                                      are: `bundle` (the bytes) or `object` (a bucket key; `service.cluster.blobs`)
+    P objects                 HASH    bucket key -> how many registry entries name it (what GC must keep)
+    P objects:pending         ZSET    bucket keys a writer reserved, until it names them (`object_refs`)
     P events                  channel change events (`service.cluster.events`)
 
 Writes are Lua scripts: Redis runs a script alone, so no reader sees half of a write, and a version's
 blob is always written before the pointer that names it (and a deletion drops the pointer first), so even
-a script stopped midway by an error never leaves a pointer to a missing blob.
+a script stopped midway by an error never leaves a pointer to a missing blob. Where the blob goes is one
+object (`blobs`, `service.cluster.blobs`): inline in the entry (this class's default), or an object in a
+bucket written and verified before the script runs (`service.cluster.s3_store`).
 
 Durability: a write returns only after Redis answered it. When the server has `WAITAOF` (Redis >= 7.2)
 the store also waits, on the same connection, until the write is fsynced to the local AOF, so an
@@ -38,6 +43,7 @@ from redis.commands.core import Script
 from service.bundles.codec import read_manifest
 from service.bundles.manifest import Manifest, check_task_name
 from service.bundles.store import VersionInfo
+from service.cluster.blobs import BlobKind, Blobs, InlineBlobs
 from service.cluster.connection import connect, default_replica_id, redis_errors
 from service.cluster.events import ChangeEvent, EventKind, events_channel, publish_event
 from service.errors import BundleInvalid, StoreUnavailable, TaskNotFound, VersionNotFound
@@ -47,15 +53,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# KEYS: last, versions, active, tasks, generation. ARGV: version key prefix, task, bundle, sha256, size,
-# stored_at, manifest, activate ("1"/"0"). Returns {version, generation}.
+# KEYS: last, versions, active, tasks, generation, objects, pending objects. ARGV: version key prefix, task, blob field
+# ('bundle' or 'object'), its value, sha256, size, stored_at, manifest, activate ("1"/"0").
+# Returns {version, generation}.
 _PUT = """
 local v = redis.call('INCR', KEYS[1])
-redis.call('HSET', ARGV[1] .. v, 'bundle', ARGV[3], 'sha256', ARGV[4], 'size', ARGV[5],
-           'stored_at', ARGV[6], 'manifest', ARGV[7])
+redis.call('HSET', ARGV[1] .. v, ARGV[3], ARGV[4], 'sha256', ARGV[5], 'size', ARGV[6],
+           'stored_at', ARGV[7], 'manifest', ARGV[8])
+if ARGV[3] == 'object' then
+  redis.call('HINCRBY', KEYS[6], ARGV[4], 1)
+  redis.call('ZREM', KEYS[7], ARGV[4])
+end
 redis.call('ZADD', KEYS[2], v, v)
 redis.call('SADD', KEYS[4], ARGV[2])
-if ARGV[8] == '1' then redis.call('SET', KEYS[3], v) end
+if ARGV[9] == '1' then redis.call('SET', KEYS[3], v) end
 return {v, redis.call('INCR', KEYS[5])}
 """
 
@@ -70,35 +81,48 @@ redis.call('SET', KEYS[2], ARGV[1])
 return redis.call('INCR', KEYS[3])
 """
 
-# KEYS: versions, active, tasks, generation. ARGV: version key prefix, task. Returns the new generation,
-# or 0 when the task has no version. The pointer goes first, the blobs after it.
+# KEYS: versions, active, tasks, generation, objects. ARGV: version key prefix, task. Returns the new
+# generation, or 0 when the task has no version. The pointer goes first, the blobs after it; bucket objects
+# lose a reference here and are removed later by the garbage collector (service.cluster.gc).
 _DELETE = """
 local versions = redis.call('ZRANGE', KEYS[1], 0, -1)
 if #versions == 0 then return 0 end
 redis.call('DEL', KEYS[2])
-for _, v in ipairs(versions) do redis.call('UNLINK', ARGV[1] .. v) end
+for _, v in ipairs(versions) do
+  local o = redis.call('HGET', ARGV[1] .. v, 'object')
+  if o and redis.call('HINCRBY', KEYS[5], o, -1) <= 0 then redis.call('HDEL', KEYS[5], o) end
+  redis.call('UNLINK', ARGV[1] .. v)
+end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[3], ARGV[2])
 return redis.call('INCR', KEYS[4])
 """
 
-# KEYS: last, versions, tasks, generation. ARGV: version key, task, version, bundle, sha256, size,
-# stored_at, manifest. Returns {outcome code, generation or 0}; codes as in ImportOutcome.
+# KEYS: last, versions, tasks, generation, objects, pending objects. ARGV: version key, task, version, blob field, its
+# value, sha256, size, stored_at, manifest. Returns {outcome code, generation or 0}; codes as in
+# ImportOutcome.
 _IMPORT = """
 local existing = redis.call('HGET', ARGV[1], 'sha256')
 if existing then
-  if existing == ARGV[5] then return {0, 0} end
+  if existing == ARGV[6] then return {0, 0} end
   return {1, 0}
 end
 local v = tonumber(ARGV[3])
 if v <= tonumber(redis.call('GET', KEYS[1]) or '0') then return {2, 0} end
-redis.call('HSET', ARGV[1], 'bundle', ARGV[4], 'sha256', ARGV[5], 'size', ARGV[6],
-           'stored_at', ARGV[7], 'manifest', ARGV[8])
+redis.call('HSET', ARGV[1], ARGV[4], ARGV[5], 'sha256', ARGV[6], 'size', ARGV[7],
+           'stored_at', ARGV[8], 'manifest', ARGV[9])
+if ARGV[4] == 'object' then
+  redis.call('HINCRBY', KEYS[5], ARGV[5], 1)
+  redis.call('ZREM', KEYS[6], ARGV[5])
+end
 redis.call('ZADD', KEYS[2], v, v)
 redis.call('SADD', KEYS[3], ARGV[2])
 redis.call('SET', KEYS[1], v)
 return {3, redis.call('INCR', KEYS[4])}
 """
+
+
+_INLINE = InlineBlobs()
 
 
 class ImportOutcome(Enum):
@@ -126,8 +150,10 @@ class RedisAdapterStore:
         replica_id: str | None = None,
         announce: bool = True,
         max_connections: int = 32,
+        blobs: Blobs | None = None,
     ):
-        """`announce=False`: do not publish change events (replicas then learn of writes by resync only)."""
+        """`announce=False`: do not publish change events (replicas then learn of writes by resync only).
+        `blobs`: where new versions' bytes go (default: inline in Redis)."""
         self.url = url
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
@@ -140,6 +166,7 @@ class RedisAdapterStore:
         self._delete_script = self.client.register_script(_DELETE)
         self._import_script = self.client.register_script(_IMPORT)
         self._waitaof: bool | None = None  # None: not probed yet
+        self.blobs: Blobs = blobs or InlineBlobs()
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> RedisAdapterStore:
@@ -167,11 +194,14 @@ class RedisAdapterStore:
 
     def get_bytes(self, task: str, version: int) -> bytes:
         key = self._version_key(task, version)
+        kinds = list(BlobKind)
         with redis_errors():
-            data = self.client.hget(key, "bundle")
-        if data is None:
+            fields = cast("list[bytes | None]", self.client.hmget(key, ["sha256", *(k.value for k in kinds)]))
+        sha, locations = fields[0], fields[1:]
+        if sha is None:
             raise self._missing(task, version)
-        return cast(bytes, data)
+        kind, location = next((k, loc) for k, loc in zip(kinds, locations) if loc is not None)
+        return self._blobs_of(kind, task, version).load(task, sha.decode(), location)
 
     def get_info(self, task: str, version: int) -> VersionInfo:
         key = self._version_key(task, version)
@@ -219,6 +249,7 @@ class RedisAdapterStore:
     def ping(self) -> None:
         with redis_errors():
             self.client.ping()
+        self.blobs.ping()
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -226,11 +257,12 @@ class RedisAdapterStore:
         manifest = _manifest_for(task, data)
         sha = hashlib.sha256(data).hexdigest()
         stored_at = datetime.now(timezone.utc)
+        location = self.blobs.store(task, sha, data)  # the bytes first: no entry ever names missing bytes
         keys = [self._task_key(task, n) for n in ("last", "versions", "active")] + [
-            self._key("tasks"), self._key("generation"),
+            self._key("tasks"), self._key("generation"), self._key("objects"), self._key("objects:pending"),
         ]
         args = [
-            self._task_key(task, "v:"), task, data, sha, len(data), stored_at.isoformat(),
+            self._task_key(task, "v:"), task, self.blobs.kind.value, location, sha, len(data), stored_at.isoformat(),
             manifest.model_dump_json(), "1" if activate else "0",
         ]
         reply: list[int] = self._write(self._put_script, keys, args)  # {version, generation}
@@ -249,7 +281,7 @@ class RedisAdapterStore:
 
     def delete_task(self, task: str) -> None:
         keys = [self._task_key(task, "versions"), self._task_key(task, "active"), self._key("tasks"),
-                self._key("generation")]
+                self._key("generation"), self._key("objects")]
         generation: int = self._write(self._delete_script, keys, [self._task_key(task, "v:"), task])
         if generation == 0:
             raise TaskNotFound(task)
@@ -266,10 +298,12 @@ class RedisAdapterStore:
         if int(version) < 1:
             raise VersionNotFound(task, version)
         keys = [self._task_key(task, "last"), self._task_key(task, "versions"), self._key("tasks"),
-                self._key("generation")]
+                self._key("generation"), self._key("objects"), self._key("objects:pending")]
+        sha = hashlib.sha256(data).hexdigest()
         args = [
-            self._version_key(task, version), task, int(version), data, hashlib.sha256(data).hexdigest(), len(data),
-            datetime.now(timezone.utc).isoformat(), manifest.model_dump_json(),
+            self._version_key(task, version), task, int(version), self.blobs.kind.value,
+            self.blobs.store(task, sha, data), sha, len(data), datetime.now(timezone.utc).isoformat(),
+            manifest.model_dump_json(),
         ]
         reply: list[int] = self._write(self._import_script, keys, args)  # {outcome code, generation or 0}
         code, generation = reply
@@ -317,6 +351,15 @@ class RedisAdapterStore:
                 publish_event(self.client, self.events_channel, event)
         except StoreUnavailable as exc:  # the write itself is durable; replicas catch up by resync
             log.warning("could not publish %s event for %s: %s", kind.value, task, exc.message)
+
+    def _blobs_of(self, kind: BlobKind, task: str, version: int) -> Blobs:
+        """The reader of an entry whose bytes are of `kind`: inline ones anyone can read, objects need a bucket."""
+        if kind is BlobKind.INLINE:
+            return _INLINE
+        if self.blobs.kind is kind:
+            return self.blobs
+        raise StoreUnavailable(f"the bytes of {task} v{version} are in an object store, and this replica has none "
+                               "configured (ADAPTER_SERVICE_S3_ENDPOINT)")
 
     def _missing(self, task: str, version: int) -> Exception:
         with redis_errors():

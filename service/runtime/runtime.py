@@ -1,6 +1,7 @@
 """The runtime: everything that serves, assembled from settings and started and stopped as one.
 
-`Runtime(settings)` owns the backbone, the store (local folder, or Redis when `redis_url` is set), the
+`Runtime(settings)` owns the backbone, the store (local folder; Redis when `redis_url` is set; Redis plus a
+bucket for the bytes when `s3_endpoint` is set too), the
 engine (with its slot pool and cache), the task registry, the batcher, the adapter manager and, with Redis,
 the cluster sync whose events refresh the registry. `create_app` builds HTTP routes around a runtime; the
 process-wide setup (logging, torch threads, the host allocator) is done by `adapter-service serve`, the
@@ -55,6 +56,13 @@ def forward_parallelism(settings: ServiceSettings, device: torch.device) -> tupl
 
 
 def make_store(settings: ServiceSettings) -> AdapterStore:
+    if settings.s3_endpoint:
+        if not settings.redis_url:
+            raise ConfigurationError("ADAPTER_SERVICE_S3_ENDPOINT needs ADAPTER_SERVICE_REDIS_URL: the bucket holds "
+                                     "bundle bytes, Redis the registry")
+        from service.cluster.s3_store import S3RedisAdapterStore
+
+        return S3RedisAdapterStore.from_settings(settings)
     if settings.redis_url:
         from service.cluster.redis_store import RedisAdapterStore
 

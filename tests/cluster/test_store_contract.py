@@ -1,5 +1,5 @@
-"""The `AdapterStore` contract, run against every implementation: the local folder and Redis must be
-interchangeable for the app. Implementation specifics live in test_store_local.py / test_redis_store.py."""
+"""The `AdapterStore` contract, run against every implementation: the local folder, Redis, and Redis with the
+bytes in a bucket (a real SeaweedFS) must be interchangeable for the app. Implementation specifics live in test_store_local.py / test_redis_store.py."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from service.errors import BundleInvalid, InvalidTaskName, TaskNotFound, Version
 from tests.cluster.conftest import bundle
 
 
-@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.cluster)])
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.cluster),
+                        pytest.param("s3", marks=pytest.mark.cluster)])
 def any_store(request, tmp_path) -> AdapterStore:
     if request.param == "local":
         return LocalAdapterStore(tmp_path / "store")
-    return request.getfixturevalue("redis_store")
+    return request.getfixturevalue({"redis": "redis_store", "s3": "s3_store"}[request.param])
 
 
 def test_is_an_adapter_store(any_store):

@@ -1,0 +1,183 @@
+"""Redis registry + S3 bytes (`S3RedisAdapterStore`) on a real SeaweedFS and redis-server: where the bytes
+go, the local blob cache, checksums, garbage collection, migration from Redis-held bytes, an unreachable
+bucket, and the `store gc` / `store migrate` commands. The AdapterStore contract itself is in
+test_store_contract.py."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.cluster.blob_cache import DiskBlobCache
+from service.cluster.blobs import BlobKind
+from service.cluster.gc import collect_garbage
+from service.cluster.migrate import migrate_to_bucket
+from service.cluster.object_store import S3Bucket
+from service.cluster.redis_store import RedisAdapterStore
+from service.cluster.s3_store import MoveOutcome, S3RedisAdapterStore
+from service.errors import StoreUnavailable
+from tests.cluster.conftest import bundle
+from tests.cluster.processes import free_port
+from tests.cluster.seaweed import ACCESS_KEY, SECRET_KEY
+
+pytestmark = pytest.mark.cluster
+
+
+def test_bytes_go_to_the_bucket_under_content_addressed_keys_and_redis_keeps_none(s3_store):
+    data = bundle(seed=1)
+    info = s3_store.put("sst2", data)
+    key = f"{s3_store.bucket.prefix}/sst2/{info.sha256}.safetensors"
+    assert s3_store.bucket.exists(key)
+    entry = s3_store.client.hgetall(s3_store._version_key("sst2", 1))
+    assert entry[b"object"] == key.encode() and b"bundle" not in entry
+    assert s3_store.client.memory_usage(s3_store._version_key("sst2", 1)) < 4096  # metadata only
+    assert s3_store.refs.referenced() == {key: 1}
+    assert s3_store.bucket.get(key, info.sha256) == data
+
+
+def test_reads_come_from_the_disk_cache_after_a_restart_and_a_corrupt_file_is_refetched(s3_store, tmp_path):
+    data = bundle(seed=2)
+    sha = s3_store.put("sst2", data).sha256
+    folder = tmp_path / "restarted-cache"
+    unreachable = S3Bucket(endpoint=f"http://127.0.0.1:{free_port()}", bucket=s3_store.bucket.bucket,
+                           prefix=s3_store.bucket.prefix, access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
+                           timeout_s=0.5)
+
+    def replica(bucket: S3Bucket) -> S3RedisAdapterStore:  # a replica (re)started on the same cache folder
+        return S3RedisAdapterStore(s3_store.url, bucket, cache=DiskBlobCache(folder, 1 << 20),
+                                   key_prefix=s3_store.key_prefix)
+
+    first = replica(s3_store.bucket)
+    assert first.get_bytes("sst2", 1) == data and first.cache.misses == 1  # fetched once, then cached
+    first.close()
+    offline = replica(unreachable)  # restarted with the bucket gone: served from disk alone
+    assert offline.get_bytes("sst2", 1) == data and offline.cache.hits == 1
+    (folder / sha).write_bytes(data[:-1] + b"\x00")  # bit rot
+    with pytest.raises(StoreUnavailable, match="object store"):
+        offline.get_bytes("sst2", 1)  # the corrupt file is never served
+    assert not (folder / sha).exists() and offline.cache.corrupt == 1
+    offline.close()
+    again = replica(s3_store.bucket)
+    assert again.get_bytes("sst2", 1) == data and (folder / sha).read_bytes() == data  # refetched
+    again.close()
+
+
+def test_an_object_with_other_bytes_is_never_served(s3_store, tmp_path):
+    info = s3_store.put("sst2", bundle(seed=3))
+    key = s3_store.bucket.key_for("sst2", info.sha256)
+    s3_store.bucket.client.put_object(Bucket=s3_store.bucket.bucket, Key=key, Body=b"tampered")
+    reader = S3RedisAdapterStore(s3_store.url, s3_store.bucket, key_prefix=s3_store.key_prefix)  # no cache
+    with pytest.raises(StoreUnavailable, match="wrong checksum"):
+        reader.get_bytes("sst2", 1)
+    reader.close()
+
+
+def test_an_unreachable_bucket_is_store_unavailable_and_a_refused_upload_changes_nothing(s3_store):
+    s3_store.put("sst2", bundle(seed=1))
+    generation = s3_store.generation()
+    down = S3Bucket(endpoint=f"http://127.0.0.1:{free_port()}", bucket="adapter-bundles", prefix="x",
+                    access_key_id="AKIA-SECRET-ID", secret_access_key="very-secret-value", timeout_s=0.5)
+    store = S3RedisAdapterStore(s3_store.url, down, key_prefix=s3_store.key_prefix)
+    with pytest.raises(StoreUnavailable) as err:
+        store.put("sst2", bundle(seed=2))
+    assert re.search(r"object store \(bucket 'adapter-bundles' at http://127\.0\.0\.1:\d+\) unreachable", err.value.message)
+    with pytest.raises(StoreUnavailable, match="object store"):
+        store.ping()
+    assert store.list_versions("sst2") == [1] and store.generation() == generation  # registry untouched
+    assert store.get_active("sst2") == 1  # registry reads need Redis only
+    for text in (err.value.message, repr(down), repr(store.bucket)):
+        assert "very-secret-value" not in text and "AKIA-SECRET-ID" not in text
+    store.close()
+
+
+def test_gc_removes_only_unreferenced_objects_past_the_grace_period(s3_store):
+    kept = s3_store.put("keep", bundle("keep", seed=1))
+    gone = [s3_store.put("gone", bundle("gone", seed=s)) for s in (1, 2)]
+    same = bundle("again", seed=1)
+    again = s3_store.put("again", same)
+    s3_store.delete_task("gone")
+    s3_store.delete_task("again")
+    assert s3_store.put("again", same).sha256 == again.sha256  # the same bytes again: the same key
+    bucket = s3_store.bucket
+
+    young = collect_garbage(s3_store, grace_s=3600)  # everything is young: nothing goes
+    assert young.deleted == [] and young.young == 2 and young.referenced == 2
+    s3_store.refs.reserve(bucket.key_for("gone", gone[0].sha256))  # a writer about to name this one
+    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    report = collect_garbage(s3_store, grace_s=3600, now=later)
+    assert report.deleted == [bucket.key_for("gone", gone[1].sha256)], report
+    assert report.referenced == 3  # keep, again (re-uploaded), and the reserved one
+    for info in (kept, again):
+        assert s3_store.get_bytes(info.task, s3_store.get_active(info.task)) == s3_store.bucket.get(
+            bucket.key_for(info.task, info.sha256), info.sha256)
+    assert not bucket.exists(bucket.key_for("gone", gone[1].sha256))
+    assert collect_garbage(s3_store, grace_s=3600, now=later).deleted == []  # idempotent
+
+
+def test_a_collector_holding_a_key_makes_a_writer_of_the_same_bytes_wait(s3_store):
+    data = bundle("task", seed=1)
+    info = s3_store.put("task", data)
+    s3_store.delete_task("task")
+    key = s3_store.bucket.key_for("task", info.sha256)
+    assert s3_store.refs.claim(key)  # the collector is between its claim and its delete
+    with pytest.raises(StoreUnavailable, match="being garbage-collected"):
+        s3_store.refs.reserve(key, wait_s=0.2)
+    s3_store.bucket.delete(key)
+    s3_store.refs.release(key)
+    assert s3_store.put("task", data).version == 2  # the writer proceeds, after the delete
+    assert s3_store.bucket.exists(key)
+    assert not s3_store.refs.claim(key)  # named again: no collector may take it
+
+
+def test_migrate_moves_redis_held_bytes_into_the_bucket_while_both_kinds_are_read(s3_store):
+    redis_only = RedisAdapterStore(s3_store.url, key_prefix=s3_store.key_prefix)
+    blobs = {(t, v): bundle(t, seed=v) for t in ("old-a", "old-b") for v in (1, 2)}
+    for (task, _), data in blobs.items():
+        redis_only.put(task, data)
+    s3_store.put("new", bundle("new"))  # uploaded after the replicas got their bucket settings
+    generation = s3_store.generation()
+    assert s3_store.location("old-a", 1) is BlobKind.INLINE and s3_store.location("new", 1) is BlobKind.OBJECT
+    assert s3_store.get_bytes("old-a", 2) == blobs[("old-a", 2)]  # both kinds read
+    with pytest.raises(StoreUnavailable, match="no.*configured"):
+        redis_only.get_bytes("new", 1)  # a replica without bucket settings says why it cannot
+
+    counts = migrate_to_bucket(s3_store)
+    assert counts == {MoveOutcome.MOVED: 4, MoveOutcome.ALREADY: 1}
+    for (task, version), data in blobs.items():
+        assert s3_store.location(task, version) is BlobKind.OBJECT
+        assert s3_store.bucket.get(s3_store.bucket.key_for(task, hashlib.sha256(data).hexdigest()),
+                                   hashlib.sha256(data).hexdigest()) == data
+        assert s3_store.get_bytes(task, version) == data
+    assert s3_store.generation() == generation  # no version changed: replicas have nothing to reload
+    assert migrate_to_bucket(s3_store) == {MoveOutcome.ALREADY: 5}  # idempotent
+    assert s3_store.move_to_object("old-a", 9) is MoveOutcome.GONE
+    redis_only.close()
+
+
+def test_the_store_commands_migrate_and_collect(s3_store, seaweed, monkeypatch):
+    redis_only = RedisAdapterStore(s3_store.url, key_prefix=s3_store.key_prefix)
+    redis_only.put("legacy", bundle("legacy"))
+    s3_store.put("doomed", bundle("doomed"))
+    s3_store.delete_task("doomed")
+    for name, value in {**seaweed.env(prefix=s3_store.bucket.prefix), "ADAPTER_SERVICE_REDIS_URL": s3_store.url,
+                        "ADAPTER_SERVICE_REDIS_KEY_PREFIX": s3_store.key_prefix}.items():
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+    migrated = runner.invoke(app, ["store", "migrate"])
+    assert migrated.exit_code == 0, migrated.output
+    assert "legacy v1: moved" in migrated.output and "moved 1 version(s)" in migrated.output
+    assert s3_store.location("legacy", 1) is BlobKind.OBJECT
+    collected = runner.invoke(app, ["store", "gc", "--grace-s", "0"])
+    assert collected.exit_code == 0, collected.output
+    assert re.search(r"deleted \S+/doomed/[0-9a-f]{64}\.safetensors", collected.output)
+    assert "deleted 1 object(s)" in collected.output and "kept 1 referenced" in collected.output
+    assert SECRET_KEY not in migrated.output + collected.output
+    monkeypatch.delenv("ADAPTER_SERVICE_S3_ENDPOINT")
+    refused = runner.invoke(app, ["store", "gc"])
+    assert refused.exit_code == 2 and "ADAPTER_SERVICE_S3_ENDPOINT" in refused.output
+    redis_only.close()
