@@ -60,12 +60,13 @@ class LoadResult:
 
 async def run_load(
     url: str, tasks: list[str], *, concurrency: int, requests: int, seed: int = 0, timeout_s: float = 60.0,
-    deadline_s: float = 300.0, warmup: bool = True, body_for=None,
+    deadline_s: float = 300.0, warmup: bool = True, body_for=None, draws: list[str] | None = None,
 ) -> LoadResult:
-    """Closed-loop load against `POST {url}/predict/{task}` with `{"text": ...}` bodies."""
+    """Closed-loop load against `POST {url}/predict/{task}` with `{"text": ...}` bodies. `draws`: the task of
+    each request, in order (another distribution than uniform over `tasks`; `tasks` is then what is warmed up)."""
     sents = peer_sentences_module()
     texts = sents.make_sentences(requests, seed=seed)
-    req_tasks = sents.draw_tasks(requests, tasks, seed=seed + 1)
+    req_tasks = draws[:requests] if draws is not None else sents.draw_tasks(requests, tasks, seed=seed + 1)
     body_for = body_for or (lambda task, text: {"text": text})
     latencies: list[float] = []
     errors: Counter = Counter()

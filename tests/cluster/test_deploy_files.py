@@ -203,3 +203,46 @@ def test_redis_statefulset_keeps_its_aof_on_a_volume():
     claim = sts["volumeClaimTemplates"][0]
     assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
     assert res[("Service", sts["serviceName"])]["spec"]["clusterIP"] == "None"
+
+
+# --- the object store -----------------------------------------------------------------------------
+
+
+def test_compose_keeps_bundle_bytes_in_seaweedfs_with_keys_from_the_environment():
+    services = load_compose()["services"]
+    weed = services["seaweedfs"]
+    assert re.match(r"chrislusf/seaweedfs:\d", weed["image"])
+    command = " ".join(weed["command"])
+    assert "exec weed server" in command and " -s3 " in command and "-s3.config=/tmp/s3.json" in command
+    assert "$$S3_SECRET_KEY" in command  # written from the environment at start, not stored in the file
+    assert any(v.endswith(":/data") for v in weed["volumes"]) and "seaweedfs-data" in load_compose()["volumes"]
+    for name in ("replica-1", "replica-2", "replica-3", "seed"):
+        env = services[name]["environment"]
+        assert env["ADAPTER_SERVICE_S3_ENDPOINT"] == "http://seaweedfs:8333", name
+        assert env["ADAPTER_SERVICE_S3_ACCESS_KEY_ID"].startswith("${S3_ACCESS_KEY:?")
+        assert env["ADAPTER_SERVICE_S3_SECRET_ACCESS_KEY"].startswith("${S3_SECRET_KEY:?")
+        assert services[name]["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
+
+
+def test_k8s_object_store_keys_come_from_a_secret_and_the_blob_cache_has_a_volume():
+    res = k8s_resources()
+    config = res[("ConfigMap", "adapter-service")]["data"]
+    assert config["ADAPTER_SERVICE_S3_ENDPOINT"].startswith("http") and config["ADAPTER_SERVICE_S3_BUCKET"]
+    assert not any("SECRET" in key or "ACCESS_KEY" in key for key in config)  # keys never in the ConfigMap
+    pod = res[("Deployment", "adapter-service")]["spec"]["template"]["spec"]
+    gc_pod = res[("CronJob", "adapter-service-gc")]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    for spec in (pod, gc_pod):
+        (container,) = spec["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        for name, key in (("ADAPTER_SERVICE_S3_ACCESS_KEY_ID", "access-key-id"),
+                          ("ADAPTER_SERVICE_S3_SECRET_ACCESS_KEY", "secret-access-key")):
+            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "adapter-service-s3", "key": key}
+        assert container["envFrom"] == [{"configMapRef": {"name": "adapter-service"}}]
+    (container,) = pod["containers"]
+    (mount,) = container["volumeMounts"]
+    assert config["ADAPTER_SERVICE_BLOB_CACHE_DIR"].startswith(mount["mountPath"] + "/")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    limit = int(volume["emptyDir"]["sizeLimit"].removesuffix("Gi")) * 1024**3
+    assert int(config["ADAPTER_SERVICE_BLOB_CACHE_BYTES"]) < limit  # the cache stays inside its volume
+    assert gc_pod["containers"][0]["command"] == ["adapter-service", "store", "gc"]
+    assert res[("CronJob", "adapter-service-gc")]["spec"]["concurrencyPolicy"] == "Forbid"

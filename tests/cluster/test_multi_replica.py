@@ -59,23 +59,29 @@ def bundle(ref, task: str, k: int) -> bytes:
 
 
 class Cluster:
-    """redis-server + 3 replicas + nginx, with the clients and waits the cases share."""
+    """redis-server + 3 replicas + nginx, with the clients and waits the cases share. `env` adds settings to
+    every replica; `make_store` opens the test's own client of the shared store (Redis alone here)."""
 
-    def __init__(self, root: Path, backbone_dir: str):
+    def __init__(self, root: Path, backbone_dir: str, *, replicas: int = 3, env: dict[str, str] | None = None):
         self.ref = load_backbone(backbone_dir, device="cpu", dtype="float32").ref
         self.redis = RedisServer(root / "redis")
         prefix = f"multi-{uuid.uuid4().hex[:8]}:"
-        env = {
+        env = {**(env or {}),
             "ADAPTER_SERVICE_REDIS_URL": self.redis.url, "ADAPTER_SERVICE_REDIS_KEY_PREFIX": prefix,
             "ADAPTER_SERVICE_ADMIN_TOKEN": TOKEN, "ADAPTER_SERVICE_RESYNC_INTERVAL_S": str(RESYNC_S),
             "ADAPTER_SERVICE_REDIS_RECONNECT_MAX_S": "0.5", "ADAPTER_SERVICE_REDIS_TIMEOUT_S": "1",
             "ADAPTER_SERVICE_TORCH_THREADS": "1",
         }
-        self.replicas = [ServiceReplica(root / f"r{i}", f"r{i}", backbone=backbone_dir, env=env) for i in range(3)]
+        self.replicas = [ServiceReplica(root / f"r{i}", f"r{i}", backbone=backbone_dir,
+                                        env={**env, "ADAPTER_SERVICE_BLOB_CACHE_DIR": str(root / f"r{i}" / "blobs")})
+                         for i in range(replicas)]
         self.nginx = NginxServer(root / "nginx", [r.address for r in self.replicas])
-        self.store = RedisAdapterStore(self.redis.url, key_prefix=prefix, replica_id="test", timeout_s=1.0)
+        self.store = self.make_store(prefix)
         self.lb = httpx.Client(base_url=self.nginx.url, timeout=30)
         self.direct: dict[str, httpx.Client] = {}
+
+    def make_store(self, prefix: str) -> RedisAdapterStore:
+        return RedisAdapterStore(self.redis.url, key_prefix=prefix, replica_id="test", timeout_s=1.0)
 
     def start(self) -> Cluster:
         self.redis.start()
@@ -210,6 +216,37 @@ class Traffic:
                         self.failures.append(f"{task}: {status} {detail}")
 
 
+class Uploads:
+    """Uploads of `task` (k = 2, 3, ...) through nginx in a thread until the block ends: each status counted,
+    each acknowledged version's sha256 kept."""
+
+    def __init__(self, cluster: Cluster, task: str):
+        self.cluster, self.task = cluster, task
+        self.acked: dict[int, str] = {}  # version -> sha256 of every upload answered 201
+        self.statuses: Counter = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Uploads:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.cluster.nginx.url, timeout=30) as client:
+            k = 2
+            while not self._stop.is_set():
+                r = self.cluster.upload(client, self.task, k)
+                self.statuses[r.status_code] += 1
+                if r.status_code == 201:
+                    self.acked[r.json()["version"]] = r.json()["sha256"]
+                k += 1
+                time.sleep(0.02)
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -295,25 +332,9 @@ def test_a_redis_outage_keeps_resident_tasks_serving_and_loses_no_acknowledged_u
     for name in cluster.direct:  # every traffic task resident on every replica, wherever nginx sends it
         for task in TRAFFIC_TASKS:
             assert cluster.served(name, task) == (1, pytest.approx(10.0, abs=5.0))
-    acked: dict[int, str] = {}  # version -> sha256 of every upload answered 201
-    upload_statuses: Counter = Counter()
-    stop_uploads = threading.Event()
-
-    def uploader() -> None:
-        with httpx.Client(base_url=cluster.nginx.url, timeout=30) as client:
-            k = 2
-            while not stop_uploads.is_set():
-                r = cluster.upload(client, "durable", k)
-                upload_statuses[r.status_code] += 1
-                if r.status_code == 201:
-                    acked[r.json()["version"]] = r.json()["sha256"]
-                k += 1
-                time.sleep(0.02)
-
     with Traffic(cluster.nginx.url, TRAFFIC_TASKS) as traffic:
-        uploads = threading.Thread(target=uploader, daemon=True)
-        uploads.start()
-        try:
+        with Uploads(cluster, "durable") as uploads:
+            acked, upload_statuses = uploads.acked, uploads.statuses
             assert wait_until(lambda: len(acked) >= 4, DEADLINE_S), upload_statuses
             cluster.redis.stop(crash=True)  # SIGKILL, uploads in flight: only what was answered 201 counts
             down = time.monotonic()
@@ -337,9 +358,6 @@ def test_a_redis_outage_keeps_resident_tasks_serving_and_loses_no_acknowledged_u
                 r = cluster.lb.request(method, path, json=body, headers=ADMIN)
                 assert r.status_code == 503 and "Redis" in r.json()["detail"], (method, path, r.text)
             assert wait_until(lambda: upload_statuses[503] >= 3, DEADLINE_S), upload_statuses
-        finally:
-            stop_uploads.set()
-            uploads.join(60)
 
         cluster.redis.start()  # same port and folder: the AOF is replayed
         up = time.monotonic()
