@@ -200,8 +200,11 @@ class RedisAdapterStore:
         sha, locations = fields[0], fields[1:]
         if sha is None:
             raise self._missing(task, version)
-        kind, location = next((k, loc) for k, loc in zip(kinds, locations) if loc is not None)
-        return self._blobs_of(kind, task, version).load(task, sha.decode(), location)
+        for kind, location in zip(kinds, locations):
+            if location is not None:
+                return self._blobs_of(kind, task, version).load(task, sha.decode(), location)
+        raise StoreUnavailable(f"the registry entry of {task} v{version} names no bytes (written by a newer version "
+                               "of the service?)")
 
     def get_info(self, task: str, version: int) -> VersionInfo:
         key = self._version_key(task, version)

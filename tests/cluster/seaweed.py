@@ -44,11 +44,13 @@ def weed_binary() -> str:
 class SeaweedServer:
     """`weed server -s3` with an S3 identity of its own; `start()` returns once an object can be written."""
 
-    def __init__(self, workdir: Path, bucket: str = "adapter-bundles"):
+    def __init__(self, workdir: Path, bucket: str = "adapter-bundles", *, volumes: int = 16):
+        """`volumes`: how many 64 MB volumes the server may create, i.e. its capacity (16: 1 GB)."""
         self.binary = weed_binary()
         self.dir = Path(workdir)
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         self.bucket = bucket
+        self.volumes = volumes
         self.ports = {name: free_port() for name in (
             "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")}
         self.config = self.dir / "s3.json"
@@ -86,7 +88,7 @@ class SeaweedServer:
             self.binary, "server", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}", "-master.volumeSizeLimitMB=64",
             "-master.electionTimeout=500ms",  # a restarted single master re-elects itself; 10 s by default
-            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}", "-volume.max=16",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}", f"-volume.max={self.volumes}",
             "-volume.preStopSeconds=0", "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={self.config}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
