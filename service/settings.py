@@ -33,7 +33,9 @@ class ServiceSettings(BaseSettings):
         "auto", description="Compute precision of the backbone. `auto`: on a CPU with bfloat16 instructions "
         "(avx512_bf16 / amx_bf16), bfloat16 when a start-up probe measures it at least 1.2x as fast as float32, "
         "else float32; on CUDA bfloat16 from compute capability 8.0, else float16. "
-        "`int8`: int8 weights and dynamically quantised activations in the backbone's linear layers (CPU only). "
+        "(Where bfloat16 is not fast, int8 only for a backbone whose int8 accuracy is recorded within the gate: none "
+        "yet.) `int8`: smoothed int8 projections with dynamically quantised activations, the feed-forward output "
+        "in float32 (CPU only; docs/accuracy.md). "
         "The choice and its reason (with the measured ratio) are logged and shown by `/readyz`."
     )
     packing: Literal["auto", "on", "off"] = Field(

@@ -2,18 +2,20 @@
 
 Modes (`ADAPTER_SERVICE_DTYPE`):
 - `float32`, `float16` (CUDA only), `bfloat16`: the backbone's weights and activations in that format.
-- `int8`: the backbone's frozen linear layers hold int8 weights (one scale per output channel) and
-  quantise their input activations per batch (PyTorch's dynamic quantisation,
-  `torch.ao.quantization.quantize_dynamic`, fbgemm/x86 kernels with VNNI dot products); everything else
-  (embeddings, attention, LayerNorm, adapters, heads) float32. CPU only.
+- `int8`: the backbone's query/key/value, attention output and feed-forward inner projections hold int8
+  weights (one scale per output channel) and quantise their smoothed input per batch (PyTorch's dynamic
+  quantisation, fbgemm/x86 kernels with VNNI dot products; the recipe: `service.modeling.smoothing`);
+  everything else (embeddings, attention, the feed-forward output, LayerNorm, adapters, heads) float32. CPU
+  only.
 - `auto`: the fastest mode whose accuracy stays within the gate of docs/accuracy.md (0.5 points of
   float32 on every shipped task): CUDA: bfloat16 where the GPU computes it natively (compute capability
   >= 8.0), else float16. CPU: bfloat16 where the CPU has bfloat16 instructions (AMX-BF16 or AVX512-BF16)
   *and* a short measured probe at start-up finds a bfloat16 matmul of the backbone's kind at least
   `BF16_MIN_SPEEDUP` times as fast as float32, else float32. The flags alone do not decide: on a VM whose
   CPU reports `avx512_bf16` without AMX, PyTorch's bfloat16 matmuls ran at half the float32 speed
-  (docs/benchmarks.md, session 5). `int8` is never picked by `auto`: it misses the gate on the shipped
-  tasks (docs/accuracy.md).
+  (docs/benchmarks.md, session 5). Where bfloat16 is not fast, `int8` when the backbone's int8 accuracy
+  is recorded within the gate (`int8_gated`, `backbone.INT8_GATED_BACKBONES`: none yet, see docs/accuracy.md)
+  and its probe measures it at least `INT8_MIN_SPEEDUP` times as fast as float32; else float32.
 
 Adapter and head weights stay float32 in bundles; the cache casts them to the compute dtype when it loads
 them (float32 under `int8`).
@@ -22,11 +24,11 @@ them (float32 under `int8`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -92,27 +94,69 @@ def bf16_speedup(tokens: int = 256, hidden: int = 384, reps: int = 6) -> float:
     return times[torch.float32] / max(times[torch.bfloat16], 1e-9)
 
 
+INT8_MIN_SPEEDUP = 1.2
+"""`auto` takes int8 (where bfloat16 is not fast) only when its probe is at least this much faster."""
+
+
+def int8_speedup(tokens: int = 256, hidden: int = 384, reps: int = 6) -> float:
+    """float32 time / int8 time of the same linear layer as `bf16_speedup`, the int8 one dynamically quantised
+    as the `int8` mode runs it (with its smoothing multiply): the median of `reps` timed calls each."""
+    import time
+    import warnings
+
+    import torch.ao.quantization as tq
+
+    x = torch.randn(tokens, hidden)
+    linear = torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden)).eval()
+    inv_scale = torch.rand(hidden) + 0.5
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+        quantized = tq.quantize_dynamic(  # type: ignore[no-untyped-call]
+            torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden)).eval(), {torch.nn.Linear},
+            dtype=torch.qint8)
+    times = []
+    runs: list[Callable[[], torch.Tensor]] = [lambda: linear(x), lambda: quantized(x * inv_scale)]
+    with torch.inference_mode():
+        for run in runs:
+            for _ in range(2):
+                run()
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                run()
+                samples.append(time.perf_counter() - t0)
+            times.append(sorted(samples)[reps // 2])
+    return times[0] / max(times[1], 1e-9)
+
+
 def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | None = None,
                      cuda_capability: tuple[int, int] | None = None, cpu_bf16_speedup: float | None = None,
-                     ) -> Precision:
+                     int8_gated: bool = False, cpu_int8_speedup: float | None = None) -> Precision:
     """The compute mode for `requested` on `device` (a pure function of its inputs: the CPU's bfloat16 flag,
-    the measured bfloat16 speed-up and the GPU's compute capability are passed in, or read from the machine
-    when None)."""
+    the measured bfloat16 and int8 speed-ups and the GPU's compute capability are passed in, or read from the
+    machine when None). `int8_gated`: the backbone's int8 accuracy is recorded within the gate."""
     if requested not in MODES:
         raise ValueError(f"unknown precision {requested!r}; one of {', '.join(MODES)}")
     cpu = device.type == "cpu"
     if requested == "auto":
         if cpu:
             flag = native_bf16_cpu() if cpu_bf16 is None else (cpu_bf16 or None)
-            if not flag:
-                return Precision("float32", torch.float32, "auto: the CPU has no bfloat16 instructions "
-                                 "(no avx512_bf16/amx_bf16)")
-            speedup = bf16_speedup() if cpu_bf16_speedup is None else cpu_bf16_speedup
-            if speedup >= BF16_MIN_SPEEDUP:
-                return Precision("bfloat16", torch.bfloat16, f"auto: the CPU computes bfloat16 natively ({flag}); "
-                                 f"measured {speedup:.2f}x float32's speed")
-            return Precision("float32", torch.float32, f"auto: the CPU has {flag}, but bfloat16 measured "
-                             f"{speedup:.2f}x float32's speed (< {BF16_MIN_SPEEDUP})")
+            if flag:
+                speedup = bf16_speedup() if cpu_bf16_speedup is None else cpu_bf16_speedup
+                if speedup >= BF16_MIN_SPEEDUP:
+                    return Precision("bfloat16", torch.bfloat16, f"auto: the CPU computes bfloat16 natively "
+                                     f"({flag}); measured {speedup:.2f}x float32's speed")
+                why = f"the CPU has {flag}, but bfloat16 measured {speedup:.2f}x float32's speed (< {BF16_MIN_SPEEDUP})"
+            else:
+                why = "the CPU has no bfloat16 instructions (no avx512_bf16/amx_bf16)"
+            if not int8_gated:
+                return Precision("float32", torch.float32, f"auto: {why}; int8 is not gated for this backbone")
+            gain = int8_speedup() if cpu_int8_speedup is None else cpu_int8_speedup
+            if gain >= INT8_MIN_SPEEDUP:
+                return Precision("int8", torch.float32, f"auto: {why}; int8 (within the accuracy gate for this "
+                                 f"backbone) measured {gain:.2f}x float32's speed")
+            return Precision("float32", torch.float32, f"auto: {why}; int8 measured {gain:.2f}x float32's speed "
+                             f"(< {INT8_MIN_SPEEDUP})")
         cap = torch.cuda.get_device_capability(device) if cuda_capability is None else cuda_capability
         if cap >= (8, 0):
             return Precision("bfloat16", torch.bfloat16, f"auto: GPU compute capability {cap[0]}.{cap[1]} >= 8.0")
@@ -123,23 +167,3 @@ def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | No
         raise ValueError("int8 (dynamic quantisation) runs on CPU only; use float16 or bfloat16 on CUDA")
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
     return Precision(requested, dtype[requested], "set by ADAPTER_SERVICE_DTYPE")
-
-
-def quantize_linear_layers(model: nn.Module) -> int:
-    """Replace every nn.Linear of the frozen `model` by its dynamically quantised int8 version, in place.
-    Returns how many were replaced.
-
-    `torch.ao.quantization` is deprecated in favour of torchao, but torchao 0.18's int8 dynamic
-    quantisation has no fast eager CPU kernel (measured against this path in docs/benchmarks.md), so this
-    stays on the maintained-until-removed fbgemm/x86 path; its deprecation warning is silenced here only."""
-    import warnings
-
-    import torch.ao.quantization as tq
-
-    count = sum(1 for m in model.modules() if type(m) is nn.Linear)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        # torch leaves quantize_dynamic unannotated, and strict mode refuses calls to untyped functions
-        tq.quantize_dynamic(  # type: ignore[no-untyped-call]
-            model, {nn.Linear: tq.per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-    return count

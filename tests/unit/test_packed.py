@@ -117,12 +117,18 @@ def test_reduced_precisions_agree_with_float32_and_mixed_still_equals_alone(tiny
     assert worst > 0  # really computed in another precision
 
 
-def test_int8_quantises_the_backbone_linear_layers_only(tiny_model_dirs, store):
+def test_int8_quantises_the_smoothed_projections_and_keeps_the_feed_forward_output(tiny_model_dirs, store):
     backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="int8")
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-    linears = [m for m in backbone.model.modules() if isinstance(m, (torch.nn.Linear, DynamicInt8Linear))]
-    assert linears and all(isinstance(m, DynamicInt8Linear) for m in linears)
+    from service.modeling.smoothing import SmoothedLinear
+
+    for layer in backbone.model.encoder.layer:
+        for proj in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+                     layer.attention.output.dense, layer.intermediate.dense):
+            assert isinstance(proj, SmoothedLinear) and isinstance(proj.inner, DynamicInt8Linear)
+            assert proj.inv_scale.shape == (proj.in_features,) and (proj.inv_scale > 0).all()
+        assert type(layer.output.dense) is torch.nn.Linear  # the feed-forward output stays float32
     assert all(type(m) is torch.nn.Embedding for m in backbone.model.embeddings.children()
                if isinstance(m, torch.nn.Embedding))
     assert backbone.dtype is torch.float32

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.modeling.precision import bf16_speedup, choose_precision, native_bf16_cpu
+from service.modeling.precision import bf16_speedup, choose_precision, int8_speedup, native_bf16_cpu
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -13,6 +13,9 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 @pytest.mark.parametrize(
     "requested, device, cpu_bf16, speedup, capability, mode, dtype",
     [
+        # where bfloat16 is not fast: int8, for a backbone whose int8 accuracy is gated, when it is fast
+        ("auto", CPU, "avx512_bf16", 0.53, None, "int8-gated", torch.float32),
+        ("auto", CPU, "", None, None, "int8-gated", torch.float32),
         ("auto", CPU, "amx_bf16", 2.7, None, "bfloat16", torch.bfloat16),
         ("auto", CPU, "avx512_bf16", 1.5, None, "bfloat16", torch.bfloat16),
         # the flag without the speed (measured: a VM with avx512_bf16 and no AMX ran bfloat16 at 0.53x)
@@ -29,16 +32,26 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
     ],
 )
 def test_precision_table(requested, device, cpu_bf16, speedup, capability, mode, dtype):
-    p = choose_precision(requested, device, cpu_bf16=cpu_bf16, cuda_capability=capability, cpu_bf16_speedup=speedup)
-    assert (p.mode, p.dtype) == (mode, dtype)
+    gated = mode == "int8-gated"
+    p = choose_precision(requested, device, cpu_bf16=cpu_bf16, cuda_capability=capability, cpu_bf16_speedup=speedup,
+                         int8_gated=gated, cpu_int8_speedup=2.1 if gated else 9.9)
+    assert (p.mode, p.dtype) == ("int8" if gated else mode, dtype)
     assert p.reason  # said in the log and /readyz
     if requested == "auto" and cpu_bf16:
         assert f"{speedup:.2f}x" in p.reason  # the measured figure is part of the reason
 
 
-def test_the_probe_measures_a_positive_speed_ratio():
-    ratio = bf16_speedup(tokens=64, hidden=64, reps=3)
-    assert 0.0 < ratio < 100.0
+def test_the_probes_measure_positive_speed_ratios():
+    assert 0.0 < bf16_speedup(tokens=64, hidden=64, reps=3) < 100.0
+    assert 0.0 < int8_speedup(tokens=64, hidden=64, reps=3) < 100.0
+
+
+@pytest.mark.parametrize("gated, gain, mode", [(True, 1.9, "int8"), (True, 1.1, "float32"), (False, 3.0, "float32")])
+def test_auto_takes_int8_only_gated_and_fast(gated, gain, mode):
+    """Without fast bfloat16: int8 needs both the recorded accuracy gate and the measured speed."""
+    p = choose_precision("auto", CPU, cpu_bf16="", cpu_bf16_speedup=None, int8_gated=gated, cpu_int8_speedup=gain)
+    assert p.mode == mode
+    assert ("gated" in p.reason) or f"{gain:.2f}x" in p.reason
 
 
 @pytest.mark.parametrize("requested, device, message", [
