@@ -14,12 +14,15 @@ collector meet here, each step one Lua script that Redis runs alone:
 collector dies), so a writer's object write comes either before the claim (which then sees the pending
 reservation and keeps the object) or after the delete (which then cannot remove it).
 
-The registry write that names a key drops its reservation (the entry protects it from then on). Should
-that entry be deleted while a second writer of the same bytes is still between its object write and its
-registry write, the object is freshly written, so the collector's grace period keeps it.
+Reservations are counted per key: the registry write that names a key drops ONE reservation (its own), and
+the key stays pending while another writer of the same bytes is still between its object write and its
+registry write (a client's retry of a slow upload, say), so deleting the first entry cannot expose the
+object to the collector. (`RELEASE_ONE` is the Lua the registry scripts run for it.) A writer that dies keeps
+its key pending until the deadline passes; the collector then ignores and purges it.
 
-Keys (prefix `P` as the registry's): `P objects` (HASH), `P objects:pending` (ZSET, score = deadline in
-ms of Redis time), `P objects:deleting:<key>` (STRING with a TTL).
+Keys (prefix `P` as the registry's): `P objects` (HASH), `P objects:pending` (ZSET, score = the latest
+deadline in ms of Redis time), `P objects:pending:count` (HASH, live reservations per key),
+`P objects:deleting:<key>` (STRING with a TTL).
 """
 
 from __future__ import annotations
@@ -32,31 +35,49 @@ import redis
 from service.cluster.connection import redis_errors
 from service.errors import StoreUnavailable
 
-# KEYS: pending, deleting marker. ARGV: object key, reservation ms. Returns 0 while a claim holds the key.
+# KEYS: pending, deleting marker, pending counts. ARGV: object key, reservation ms. Returns 0 while a claim
+# holds the key.
 _RESERVE = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local t = redis.call('TIME')
 local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
 local current = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
 if deadline > current then redis.call('ZADD', KEYS[1], deadline, ARGV[1]) end
+redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
 return 1
 """
 
-# KEYS: objects, pending, deleting marker. ARGV: object key, marker ms. Returns 1 if the key may be deleted.
+RELEASE_ONE = """
+local function release_one(pending, counts, key)
+  if redis.call('HINCRBY', counts, key, -1) <= 0 then
+    redis.call('HDEL', counts, key)
+    redis.call('ZREM', pending, key)
+  end
+end
+"""
+"""Lua for the registry scripts that name an object: drop the naming writer's reservation, and the key's
+pending entry with the last one."""
+
+# KEYS: objects, pending, deleting marker, pending counts. ARGV: object key, marker ms. Returns 1 if the key may
+# be deleted (named by no entry, no live reservation).
 _CLAIM = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0') > now then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
 if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[2]) then return 0 end
 return 1
 """
 
-# KEYS: pending. Drops reservations whose deadline passed (their writers finished or died).
+# KEYS: pending, pending counts. Drops reservations whose deadline passed (their writers finished or died).
 _PURGE = """
 local t = redis.call('TIME')
-return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, key in ipairs(expired) do redis.call('HDEL', KEYS[2], key) end
+return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 """
 
 RESERVATION_S = 600.0  # longer than any upload takes from object write to registry write
@@ -70,6 +91,7 @@ class ObjectRefs:
         self.client = client
         self.objects_key = f"{key_prefix}objects"
         self.pending_key = f"{key_prefix}objects:pending"
+        self.counts_key = f"{key_prefix}objects:pending:count"
         self._marker_prefix = f"{key_prefix}objects:deleting:"
         self._reserve = client.register_script(_RESERVE)
         self._claim = client.register_script(_CLAIM)
@@ -80,7 +102,8 @@ class ObjectRefs:
         deadline = time.monotonic() + wait_s
         while True:
             with redis_errors():
-                if self._reserve(keys=[self.pending_key, self._marker(key)], args=[key, int(RESERVATION_S * 1000)]):
+                if self._reserve(keys=[self.pending_key, self._marker(key), self.counts_key],
+                                 args=[key, int(RESERVATION_S * 1000)]):
                     return
             if time.monotonic() > deadline:
                 raise StoreUnavailable(f"object {key} is being garbage-collected and was not released in {wait_s:g}s")
@@ -89,7 +112,7 @@ class ObjectRefs:
     def claim(self, key: str) -> bool:
         """True when `key` is named by no entry and no reservation: the caller may delete it, then `release`."""
         with redis_errors():
-            return bool(self._claim(keys=[self.objects_key, self.pending_key, self._marker(key)],
+            return bool(self._claim(keys=[self.objects_key, self.pending_key, self._marker(key), self.counts_key],
                                     args=[key, int(CLAIM_S * 1000)]))
 
     def release(self, key: str) -> None:
@@ -104,7 +127,7 @@ class ObjectRefs:
 
     def purge_expired(self) -> int:
         with redis_errors():
-            return int(self._purge(keys=[self.pending_key]))
+            return int(self._purge(keys=[self.pending_key, self.counts_key]))
 
     def _marker(self, key: str) -> str:
         return self._marker_prefix + key

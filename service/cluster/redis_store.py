@@ -46,6 +46,7 @@ from service.bundles.store import VersionInfo
 from service.cluster.blobs import BlobKind, Blobs, InlineBlobs
 from service.cluster.connection import connect, default_replica_id, redis_errors
 from service.cluster.events import ChangeEvent, EventKind, events_channel, publish_event
+from service.cluster.object_refs import RELEASE_ONE
 from service.errors import BundleInvalid, StoreUnavailable, TaskNotFound, VersionNotFound
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# KEYS: last, versions, active, tasks, generation, objects, pending objects. ARGV: version key prefix, task, blob field
+# KEYS: last, versions, active, tasks, generation, objects, pending objects, pending counts. ARGV: version key prefix, task, blob field
 # ('bundle' or 'object'), its value, sha256, size, stored_at, manifest, activate ("1"/"0").
 # Returns {version, generation}.
 _PUT = """
@@ -62,7 +63,7 @@ redis.call('HSET', ARGV[1] .. v, ARGV[3], ARGV[4], 'sha256', ARGV[5], 'size', AR
            'stored_at', ARGV[7], 'manifest', ARGV[8])
 if ARGV[3] == 'object' then
   redis.call('HINCRBY', KEYS[6], ARGV[4], 1)
-  redis.call('ZREM', KEYS[7], ARGV[4])
+  release_one(KEYS[7], KEYS[8], ARGV[4])
 end
 redis.call('ZADD', KEYS[2], v, v)
 redis.call('SADD', KEYS[4], ARGV[2])
@@ -98,7 +99,7 @@ redis.call('SREM', KEYS[3], ARGV[2])
 return redis.call('INCR', KEYS[4])
 """
 
-# KEYS: last, versions, tasks, generation, objects, pending objects. ARGV: version key, task, version, blob field, its
+# KEYS: last, versions, tasks, generation, objects, pending objects, pending counts. ARGV: version key, task, version, blob field, its
 # value, sha256, size, stored_at, manifest. Returns {outcome code, generation or 0}; codes as in
 # ImportOutcome.
 _IMPORT = """
@@ -113,7 +114,7 @@ redis.call('HSET', ARGV[1], ARGV[4], ARGV[5], 'sha256', ARGV[6], 'size', ARGV[7]
            'stored_at', ARGV[8], 'manifest', ARGV[9])
 if ARGV[4] == 'object' then
   redis.call('HINCRBY', KEYS[5], ARGV[5], 1)
-  redis.call('ZREM', KEYS[6], ARGV[5])
+  release_one(KEYS[6], KEYS[7], ARGV[5])
 end
 redis.call('ZADD', KEYS[2], v, v)
 redis.call('SADD', KEYS[3], ARGV[2])
@@ -161,10 +162,10 @@ class RedisAdapterStore:
         self.announce = announce
         self.events_channel = events_channel(key_prefix)
         self.client = connect(url, timeout_s=timeout_s, max_connections=max_connections)
-        self._put_script = self.client.register_script(_PUT)
+        self._put_script = self.client.register_script(RELEASE_ONE + _PUT)
         self._set_active_script = self.client.register_script(_SET_ACTIVE)
         self._delete_script = self.client.register_script(_DELETE)
-        self._import_script = self.client.register_script(_IMPORT)
+        self._import_script = self.client.register_script(RELEASE_ONE + _IMPORT)
         self._waitaof: bool | None = None  # None: not probed yet
         self.blobs: Blobs = blobs or InlineBlobs()
 
@@ -263,6 +264,7 @@ class RedisAdapterStore:
         location = self.blobs.store(task, sha, data)  # the bytes first: no entry ever names missing bytes
         keys = [self._task_key(task, n) for n in ("last", "versions", "active")] + [
             self._key("tasks"), self._key("generation"), self._key("objects"), self._key("objects:pending"),
+            self._key("objects:pending:count"),
         ]
         args = [
             self._task_key(task, "v:"), task, self.blobs.kind.value, location, sha, len(data), stored_at.isoformat(),
@@ -301,7 +303,8 @@ class RedisAdapterStore:
         if int(version) < 1:
             raise VersionNotFound(task, version)
         keys = [self._task_key(task, "last"), self._task_key(task, "versions"), self._key("tasks"),
-                self._key("generation"), self._key("objects"), self._key("objects:pending")]
+                self._key("generation"), self._key("objects"), self._key("objects:pending"),
+                self._key("objects:pending:count")]
         sha = hashlib.sha256(data).hexdigest()
         args = [
             self._version_key(task, version), task, int(version), self.blobs.kind.value,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 from service.cluster.blob_cache import DiskBlobCache
 from service.cluster.blobs import BlobKind
 from service.cluster.connection import redis_errors
-from service.cluster.object_refs import ObjectRefs
+from service.cluster.object_refs import RELEASE_ONE, ObjectRefs
 from service.cluster.object_store import S3Bucket
 from service.cluster.redis_store import RedisAdapterStore
 from service.errors import StoreUnavailable
@@ -34,7 +34,7 @@ from service.errors import StoreUnavailable
 if TYPE_CHECKING:
     from service.settings import ServiceSettings
 
-# KEYS: version key, objects, pending objects. ARGV: sha256 the bytes were checked against, object key.
+# KEYS: version key, objects, pending objects, pending counts. ARGV: sha256 the bytes were checked against, object key.
 # Returns 1 (moved), 0 (the entry is gone or names other bytes now), 2 (already an object).
 _RELOCATE = """
 if redis.call('HGET', KEYS[1], 'sha256') ~= ARGV[1] then return 0 end
@@ -42,7 +42,7 @@ if redis.call('HEXISTS', KEYS[1], 'object') == 1 then return 2 end
 redis.call('HSET', KEYS[1], 'object', ARGV[2])
 redis.call('HDEL', KEYS[1], 'bundle')
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-redis.call('ZREM', KEYS[3], ARGV[2])
+release_one(KEYS[3], KEYS[4], ARGV[2])
 return 1
 """
 
@@ -93,7 +93,7 @@ class S3RedisAdapterStore(RedisAdapterStore):
         self.bucket = bucket
         self.refs = ObjectRefs(self.client, self.key_prefix)
         self.blobs = ObjectBlobs(bucket, self.refs, cache)
-        self._relocate_script = self.client.register_script(_RELOCATE)
+        self._relocate_script = self.client.register_script(RELEASE_ONE + _RELOCATE)
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> S3RedisAdapterStore:
@@ -134,6 +134,6 @@ class S3RedisAdapterStore(RedisAdapterStore):
         if hashlib.sha256(data).hexdigest() != sha.decode():
             raise StoreUnavailable(f"{task} v{version}: the bytes in Redis do not match their sha256; not moved")
         object_key = self.blobs.store(task, sha.decode(), data)
-        code: int = self._write(self._relocate_script, [key, self.refs.objects_key, self.refs.pending_key],
+        code: int = self._write(self._relocate_script, [key, self.refs.objects_key, self.refs.pending_key, self.refs.counts_key],
                                  [sha, object_key])
         return MoveOutcome(code)

@@ -119,6 +119,19 @@ def test_gc_removes_only_unreferenced_objects_past_the_grace_period(s3_store):
     assert collect_garbage(s3_store, grace_s=3600, now=later).deleted == []  # idempotent
 
 
+def test_a_second_writer_of_the_same_bytes_keeps_them_after_the_first_entry_is_deleted(s3_store):
+    """Writer B has reserved the key and is writing; writer A of the same bytes registers, then A's task is
+    deleted: B's reservation must still keep the collector away (A's registration drops only its own)."""
+    data = bundle("twice", seed=3)
+    key = s3_store.bucket.key_for("twice", hashlib.sha256(data).hexdigest())
+    s3_store.refs.reserve(key)  # B, between its reservation and its registry write
+    s3_store.put("twice", data)  # A: reserve, write, register
+    s3_store.delete_task("twice")
+    assert not s3_store.refs.claim(key)
+    assert collect_garbage(s3_store, grace_s=0).deleted == []
+    assert s3_store.bucket.exists(key)
+
+
 def test_a_collector_holding_a_key_makes_a_writer_of_the_same_bytes_wait(s3_store):
     data = bundle("task", seed=1)
     info = s3_store.put("task", data)
