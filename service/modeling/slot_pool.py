@@ -118,10 +118,8 @@ class Routing:
     normed_slots: frozenset[int] = frozenset()  # the slots whose adapters read the LayerNorm output
     separate_slots: frozenset[int] = frozenset()  # projection-time slots applied apart (adapter LayerNorms)
     adapter_row_slots: torch.Tensor | None = None  # padded gather: row_slots with separate slots as 0 (None: same)
-    # Packed gather with LoRA tasks (see `LoraPool.apply`): the batch's LoRA slots, and which of their
-    # stacked rank columns each token reads ([N, n*r], 0/1 in the compute dtype)
+    # Packed gather with LoRA tasks (see `LoraPool.apply`): the batch's LoRA slots, whose rank columns are stacked
     lora_select: torch.Tensor | None = None
-    lora_mask: torch.Tensor | None = None
 
     @property
     def any_adapter(self) -> bool:
@@ -381,17 +379,14 @@ class SlotPool:
         return Routing(tuple(segments), row_slots.to(self.device), specs, strategy, None, bounds, packed=True,
                        lora_slots=lora, normed_slots=normed, separate_slots=separate, token_slots=token_slots,
                        **{k: v.to(self.device) for k, v in gather.items()},
-                       **self._lora_columns(lora, token_slots, strategy))
+                       **self._lora_columns(lora, strategy))
 
-    def _lora_columns(self, lora: frozenset[int], token_slots: torch.Tensor, strategy: Strategy
-                      ) -> dict[str, torch.Tensor]:
-        """Packed gather: the batch's LoRA slots and the 0/1 mask [N, n * r] of the stacked rank columns each
-        token reads: column block j (r_cap wide) belongs to the j-th selected slot."""
+    def _lora_columns(self, lora: frozenset[int], strategy: Strategy) -> dict[str, torch.Tensor]:
+        """Packed gather: the batch's LoRA slots, in the order their rank columns are stacked (the mask that
+        picks each token's columns is built at the forward, at the rank capacity it reads under the lock)."""
         if strategy != "gather" or not lora:
             return {}
-        select = torch.tensor(sorted(lora), dtype=torch.long, device=self.device)
-        columns = select.repeat_interleave(self.lora.rank_capacity)  # [n * r]
-        return {"lora_select": select, "lora_mask": (token_slots.unsqueeze(-1) == columns).to(self.dtype)}
+        return {"lora_select": torch.tensor(sorted(lora), dtype=torch.long, device=self.device)}
 
     def _batch_specs(self, segments: Sequence[Segment]
                      ) -> tuple[dict[int, SlotSpec], frozenset[int], frozenset[int]]:
