@@ -9,6 +9,7 @@ the file is committed.
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def conll_sentences(path: Path) -> list[str]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=OUT, help="where to write the texts")
+    args = ap.parse_args()
     rng = random.Random(20261129)
     rows = lambda p: (DATA / p).read_text().splitlines()[1:]  # noqa: E731
     sources = {
@@ -43,8 +47,8 @@ def main() -> None:
     texts = [t.replace("\n", " ") for pool in sources.values() for t in rng.sample(pool, PER_SOURCE)]
     header = ("# Calibration texts of the int8 mode (service/modeling/smoothing.py), written by "
               "bench/make_calibration.py:\n# 64 each from the train splits of " + ", ".join(sources) + ".\n")
-    OUT.write_text(header + "\n".join(texts) + "\n")
-    print(f"wrote {len(texts)} texts, {OUT.stat().st_size} bytes to {OUT}", file=sys.stderr)
+    args.out.write_text(header + "\n".join(texts) + "\n")
+    print(f"wrote {len(texts)} texts, {args.out.stat().st_size} bytes to {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
