@@ -88,7 +88,13 @@ class SlotSpec:
     points: frozenset[str]
     has_norm: bool
     normed: bool = False  # reads the sub-layer's LayerNorm output (AdapterConfig.reads), applied by RoutedLayerNorm
-    own_norms: bool = False  # LayerNorms of its own (AdapterConfig.ln_before / ln_after)
+    ln_before: bool = False  # LayerNorms of its own (AdapterConfig.ln_before / ln_after / ln_eps)
+    ln_after: bool = False
+    ln_eps: float = 1e-5
+
+    @property
+    def own_norms(self) -> bool:
+        return self.ln_before or self.ln_after
 
     @property
     def separate(self) -> bool:
@@ -167,7 +173,6 @@ class SlotPool:
         # the adapters' own LayerNorms [P, S, d] (ln_before, ln_after: weight, bias), allocated by the first
         # task that has them (never replaced: views into them stay valid)
         self.own_norms: dict[str, torch.Tensor] = {}
-        self._norm_cfg: dict[int, tuple[bool, bool, float]] = {}  # slot -> (ln_before, ln_after, eps)
         # Forwards hold it shared (several may run at once: each reads only its own pinned slots); a
         # capacity growth, which replaces the pool tensors, takes it exclusive.
         self.lock = SharedExclusiveLock()
@@ -223,8 +228,8 @@ class SlotPool:
                     for part in ("weight", "bias"):
                         self._own_norm(f"{name}.{part}")[:, slot].index_copy_(0, idx, stacked(f"{name}.{part}"))
             spec = SlotSpec(m, cfg.activation, frozenset(cfg.points), cfg.train_layernorm, cfg.reads == "normed",
-                            cfg.own_norms)
-            self._set_views(slot, spec, cfg)
+                            cfg.ln_before, cfg.ln_after, cfg.ln_eps)
+            self._set_views(slot, spec)
             self.specs[slot] = spec
 
     def write_lora(self, slot: int, cfg: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -253,7 +258,6 @@ class SlotPool:
         self.specs.pop(slot, None)
         self._views.pop(slot, None)
         self._separate_views.pop(slot, None)
-        self._norm_cfg.pop(slot, None)
         self.lora.forget(slot)
 
     def _own_norm(self, name: str) -> torch.Tensor:
@@ -264,22 +268,19 @@ class SlotPool:
             self.own_norms[name] = torch.full((P, S, d), fill, device=self.device, dtype=self.dtype)
         return self.own_norms[name]
 
-    def _set_views(self, slot: int, spec: SlotSpec, cfg: AdapterConfig | None = None) -> None:
+    def _set_views(self, slot: int, spec: SlotSpec) -> None:
         """Build `slot`'s views: batched slots in `_views`, separate ones in `_separate_views`."""
-        if cfg is not None:
-            self._norm_cfg[slot] = (cfg.ln_before, cfg.ln_after, cfg.ln_eps)
         if not spec.separate:
             self._views[slot] = self._slot_views(slot, spec)
             self._separate_views.pop(slot, None)
             return
-        before, after, eps = self._norm_cfg.get(slot, (False, False, 1e-5))
         views: list[SeparateView | None] = []
         for p, view in enumerate(self._slot_views(slot, spec)):
             pre = (self.own_norms["ln_before.weight"][p, slot], self.own_norms["ln_before.bias"][p, slot]) \
-                if before else None
+                if spec.ln_before else None
             post = (self.own_norms["ln_after.weight"][p, slot], self.own_norms["ln_after.bias"][p, slot]) \
-                if after else None
-            views.append(None if view is None else (view, pre, post, eps))
+                if spec.ln_after else None
+            views.append(None if view is None else (view, pre, post, spec.ln_eps))
         self._separate_views[slot] = views
         self._views.pop(slot, None)
 
