@@ -72,26 +72,31 @@ BF16_MIN_SPEEDUP = 1.2
 """`auto` takes bfloat16 on a CPU only when the probe measures it at least this much faster than float32."""
 
 
+def _speed_ratio(baseline: Callable[[], object], candidate: Callable[[], object], reps: int) -> float:
+    """baseline time / candidate time: the median of `reps` timed calls each, after two warm-up calls."""
+    import time
+
+    times = []
+    for run in (baseline, candidate):
+        for _ in range(2):
+            run()
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run()
+            samples.append(time.perf_counter() - t0)
+        times.append(sorted(samples)[reps // 2])
+    return times[0] / max(times[1], 1e-9)
+
+
 def bf16_speedup(tokens: int = 256, hidden: int = 384, reps: int = 6) -> float:
     """float32 time / bfloat16 time of one linear layer `[tokens, hidden] -> [tokens, 4 hidden]` (a
     transformer's feed-forward inner projection) on this CPU, with the threads torch has now: the median of
     `reps` timed calls each, after two warm-up calls (about 30 ms on a 2-core VM)."""
-    import time
-
     x = torch.randn(tokens, hidden)
     w = torch.randn(4 * hidden, hidden)
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = x.to(dtype), w.to(dtype)
-        for _ in range(2):
-            torch.nn.functional.linear(a, b)
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(a, b)
-            samples.append(time.perf_counter() - t0)
-        times[dtype] = sorted(samples)[reps // 2]
-    return times[torch.float32] / max(times[torch.bfloat16], 1e-9)
+    x16, w16 = x.to(torch.bfloat16), w.to(torch.bfloat16)
+    return _speed_ratio(lambda: torch.nn.functional.linear(x, w), lambda: torch.nn.functional.linear(x16, w16), reps)
 
 
 INT8_MIN_SPEEDUP = 1.2
@@ -101,7 +106,6 @@ INT8_MIN_SPEEDUP = 1.2
 def int8_speedup(tokens: int = 256, hidden: int = 384, reps: int = 6) -> float:
     """float32 time / int8 time of the same linear layer as `bf16_speedup`, the int8 one dynamically quantised
     as the `int8` mode runs it (with its smoothing multiply): the median of `reps` timed calls each."""
-    import time
     import warnings
 
     import torch.ao.quantization as tq
@@ -114,19 +118,8 @@ def int8_speedup(tokens: int = 256, hidden: int = 384, reps: int = 6) -> float:
         quantized = tq.quantize_dynamic(  # type: ignore[no-untyped-call]
             torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden)).eval(), {torch.nn.Linear},
             dtype=torch.qint8)
-    times = []
-    runs: list[Callable[[], torch.Tensor]] = [lambda: linear(x), lambda: quantized(x * inv_scale)]
     with torch.inference_mode():
-        for run in runs:
-            for _ in range(2):
-                run()
-            samples = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                run()
-                samples.append(time.perf_counter() - t0)
-            times.append(sorted(samples)[reps // 2])
-    return times[0] / max(times[1], 1e-9)
+        return _speed_ratio(lambda: linear(x), lambda: quantized(x * inv_scale), reps)
 
 
 def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | None = None,
