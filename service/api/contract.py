@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from starlette.routing import compile_path
 from starlette.types import Scope
 
@@ -61,6 +61,10 @@ def require_media_type(*accepted: str) -> Callable[[Request], Awaitable[None]]:
             raise UnsupportedMediaType(f"Content-Type must be {' or '.join(accepted)}; got {given or 'none'}")
 
     return check
+
+
+JSON_BODY = Depends(require_media_type("application/json"))
+"""The dependency of every route that takes a JSON body."""
 
 
 def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:

@@ -49,8 +49,13 @@ class ApiKey:
         return any(fnmatchcase(task, pattern) for pattern in self.tasks)
 
 
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    """What a key file stores for `key`."""
+    return _digest(key).hex()
 
 
 def parse_keys(text: str, source: str) -> list[ApiKey]:
@@ -85,8 +90,7 @@ class KeyRing:
 
     def __init__(self, path: Path | None, all_tasks_key: str | None = None):
         self.path = path
-        self._extra = [ApiKey("api_key", hashlib.sha256(all_tasks_key.encode()).digest(), ("*",))] \
-            if all_tasks_key else []
+        self._extra = [ApiKey("api_key", _digest(all_tasks_key), ("*",))] if all_tasks_key else []
         self._keys: list[ApiKey] = []
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
@@ -101,7 +105,7 @@ class KeyRing:
     def identify(self, token: str) -> ApiKey | None:
         """The key `token` is, or None; compares with every key's hash (constant time per key)."""
         self._maybe_reload()
-        digest = hashlib.sha256(token.encode()).digest()
+        digest = _digest(token)
         found = None
         for key in self._keys + self._extra:
             if hmac.compare_digest(digest, key.sha256):

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Path, Request, Response, Upl
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import require_admin, require_api_key
-from service.api.contract import errors, require_media_type
+from service.api.contract import JSON_BODY, errors, require_media_type
 from service.api.deps import Services, services
 from service.api.schemas import ActivateRequest, ActivateResponse, TaskDetail, TaskList, UploadResponse
 from service.bundles.archive import is_archive
@@ -101,7 +101,7 @@ async def describe(task: Annotated[str, TASK], svc: Annotated[Services, Depends(
 
 
 @router.put("/{task}/active", operation_id="activate_adapter", response_model=ActivateResponse,
-            dependencies=[Depends(require_admin), Depends(require_media_type("application/json"))],
+            dependencies=[Depends(require_admin), JSON_BODY],
             responses=errors(400, 401, 403, 404, 415, 422, 503, e404="Unknown task or version"))
 async def activate(task: Annotated[str, TASK], body: ActivateRequest, svc: Annotated[Services, Depends(services)]):
     """Make an existing version active (rollback or roll forward)."""

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import require_api_key
-from service.api.contract import errors, require_media_type
+from service.api.contract import JSON_BODY, errors
 from service.api.deps import Services, services
 from service.api.errors import status_for
 from service.api.metrics import UNKNOWN_TASK
@@ -19,7 +19,6 @@ from service.api.schemas import PREDICT_EXAMPLES, EmbedRequest, EmbedResponse, P
 from service.runtime.engine import RowRequest
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
-JSON_BODY = Depends(require_media_type("application/json"))
 
 
 @router.post(
