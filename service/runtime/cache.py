@@ -110,6 +110,7 @@ class AdapterCache:
         # Heads of entries evicted to make room (not of deleted or replaced versions), kept for a reload:
         # building a head module costs about as much as the rest of a load. At most 4 per slot, LRU.
         self._spare_heads: OrderedDict[Key, TaskHead] = OrderedDict()
+        self._footprints: OrderedDict[int, tuple[Manifest, int]] = OrderedDict()  # id(manifest) -> (it, bytes)
         self.stats = CacheStats()
 
     # --- public --------------------------------------------------------------------------------
@@ -142,8 +143,20 @@ class AdapterCache:
                     self._key_locks[key] = (key_lock, users - 1)
 
     def footprint(self, manifest: Manifest) -> int:
-        """Bytes `manifest`'s task takes in this cache (see `footprint`)."""
-        return footprint(manifest, self.dtype)
+        """Bytes `manifest`'s task takes in this cache (see `footprint`). Asked for every request's rows, with the
+        registry's long-lived manifest objects: remembered per object (the object is kept with its figure, so
+        its id cannot be reused while remembered)."""
+        with self._lock:
+            known = self._footprints.get(id(manifest))
+            if known is not None and known[0] is manifest:
+                self._footprints.move_to_end(id(manifest))
+                return known[1]
+        nbytes = footprint(manifest, self.dtype)
+        with self._lock:
+            self._footprints[id(manifest)] = (manifest, nbytes)
+            while len(self._footprints) > 4096:
+                self._footprints.popitem(last=False)
+        return nbytes
 
     def release(self, entry: CacheEntry) -> None:
         with self._lock:

@@ -257,3 +257,18 @@ def test_a_reload_after_eviction_reuses_the_head_and_rewrites_the_slot(tiny_back
     cache.invalidate("t0")  # a replaced or deleted task: its spare head goes too
     cache.release(cache.acquire("t1", 1))
     assert cache.acquire("t0", 1).head is not head
+
+
+def test_footprint_is_remembered_per_manifest_object_and_never_mixed_up(tiny_backbone):
+    """Admission asks for a footprint with every request: the figure is remembered per manifest object, and
+    each object gets its own (different shapes, different bytes; a new object is computed afresh)."""
+    from service.runtime.cache import footprint
+
+    cache = make_cache(tiny_backbone, Fetcher(tiny_backbone.ref), entries_that_fit=2)
+    small = make_manifest(tiny_backbone.ref, task="a", adapter=AdapterConfig(bottleneck=8))
+    large = make_manifest(tiny_backbone.ref, task="b", adapter=AdapterConfig(bottleneck=32))
+    for _ in range(2):
+        assert cache.footprint(small) == footprint(small, torch.float32)
+        assert cache.footprint(large) == footprint(large, torch.float32) > cache.footprint(small)
+    again = make_manifest(tiny_backbone.ref, task="a", adapter=AdapterConfig(bottleneck=16))
+    assert cache.footprint(again) == footprint(again, torch.float32) != cache.footprint(small)
