@@ -12,6 +12,7 @@ from service.bundles.manifest import AdapterConfig, HeadType
 from service.runtime.runtime import Runtime
 from service.settings import ServiceSettings
 from tests.conftest import make_bundle, make_manifest
+from tests.procs import ServerProcess
 
 ADMIN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -53,3 +54,17 @@ async def client(tiny_backbone, seeded_store, settings) -> AsyncIterator[httpx.A
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             c.app = app
             yield c
+
+
+@pytest.fixture
+def server(tmp_path, tiny_model_dirs, tiny_backbone, seeded_store):
+    """A real `adapter-service serve` process on the tiny BERT and the seeded store (the ADMIN token)."""
+    proc = ServerProcess(
+        {"ADAPTER_SERVICE_BACKBONE": str(tiny_model_dirs["bert"]), "ADAPTER_SERVICE_STORE_DIR": str(seeded_store.root),
+         "ADAPTER_SERVICE_ADMIN_TOKEN": ADMIN, "ADAPTER_SERVICE_DEVICE": "cpu"},
+        tmp_path / "server.log",
+    ).start()
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()

@@ -21,7 +21,6 @@ from service.runtime.runtime import Runtime
 from service.settings import ServiceSettings
 from tests.api.conftest import ADMIN, TASKS
 from tests.conftest import LABELS
-from tests.procs import ServerProcess
 
 TEXT = "John Smith flew from Paris to Berlin."
 CONTEXT = "The Eiffel Tower is a wrought-iron lattice tower in Paris, France, built in 1889."
@@ -421,19 +420,6 @@ async def test_openapi_declares_the_v2_routes_and_their_errors(client):
 
 
 # --- a real client of the protocol against a real server process ------------------------------------
-
-
-@pytest.fixture
-def server(tmp_path, tiny_model_dirs, tiny_backbone, seeded_store):
-    proc = ServerProcess(
-        {"ADAPTER_SERVICE_BACKBONE": str(tiny_model_dirs["bert"]), "ADAPTER_SERVICE_STORE_DIR": str(seeded_store.root),
-         "ADAPTER_SERVICE_ADMIN_TOKEN": ADMIN, "ADAPTER_SERVICE_DEVICE": "cpu"},
-        tmp_path / "server.log",
-    ).start()
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
 
 
 def test_tritonclient_http_against_a_real_server(server):

@@ -8,24 +8,10 @@ import signal
 import subprocess
 
 import httpx
-import pytest
 
 from tests.api.conftest import ADMIN
 from tests.conftest import make_bundle, make_manifest
-from tests.procs import VENV_BIN, ServerProcess
-
-
-@pytest.fixture
-def server(tmp_path, tiny_model_dirs, tiny_backbone, seeded_store):
-    proc = ServerProcess(
-        {"ADAPTER_SERVICE_BACKBONE": str(tiny_model_dirs["bert"]), "ADAPTER_SERVICE_STORE_DIR": str(seeded_store.root),
-         "ADAPTER_SERVICE_ADMIN_TOKEN": ADMIN, "ADAPTER_SERVICE_DEVICE": "cpu"},
-        tmp_path / "server.log",
-    ).start()
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+from tests.procs import VENV_BIN
 
 
 def cli(*args: str, **env) -> subprocess.CompletedProcess:
