@@ -367,24 +367,38 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 
-def _edit_keys(path: Path, change) -> None:
-    """Read the key file (or none), apply `change` to its entries, write it back atomically (0600)."""
-    import os
-
+def _checked_keys(text: str, path: Path):
+    """The keys of a key file's `text`, as the service reads them; exits with the problem when it would refuse it."""
     from service.api.keys import parse_keys
     from service.errors import ConfigurationError
 
-    data = json.loads(path.read_text()) if path.exists() else {"keys": []}
     try:
-        parse_keys(json.dumps(data), str(path))
+        return parse_keys(text, str(path))
     except ConfigurationError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from None
+
+
+def _read_keys(path: Path):
+    """The key file's JSON and its parsed keys (none without a file); exits when it is not a valid key file."""
+    text = path.read_text() if path.exists() else '{"keys": []}'
+    keys = _checked_keys(text, path)  # first: it names what is wrong with a file that is not JSON
+    return json.loads(text), keys
+
+
+def _edit_keys(path: Path, change) -> None:
+    """Read the key file (or none), apply `change` to its entries, check the result as the service will read
+    it, and only then write it back atomically (0600): a refused edit leaves the file as it was."""
+    import os
+
+    data, _ = _read_keys(path)
     data["keys"] = change(data["keys"])
+    text = json.dumps(data, indent=2)
+    _checked_keys(text, path)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -428,8 +442,8 @@ def keys_remove(name: Annotated[str, typer.Argument(help="the key's name")], fil
 @keys_app.command("list")
 def keys_list(file: KeysFile):
     """The keys' names and the tasks each may call (never the keys)."""
-    for entry in json.loads(file.read_text()).get("keys", []) if file.exists() else []:
-        typer.echo(f"{entry.get('name')}\t{','.join(entry.get('tasks', []))}")
+    for key in _read_keys(file)[1]:
+        typer.echo(f"{key.name}\t{','.join(key.tasks)}")
 
 
 def main() -> None:

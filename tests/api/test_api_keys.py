@@ -109,4 +109,13 @@ def test_the_cli_makes_keys_storing_only_their_hashes(tmp_path):
     assert key not in path.read_text() and oct(os.stat(path).st_mode)[-3:] == "600"
     assert run("add", "reviews", "--tasks", "x").returncode == 1  # names are unique
     assert run("list").stdout.strip() == "reviews\tsst2,reviews-*"
+    before = path.read_text()
+    refused = run("add", "empty", "--tasks", " , ")  # no task at all: the service would refuse the file
+    assert refused.returncode == 1 and "'tasks' must be a non-empty list" in refused.stderr
+    assert path.read_text() == before  # a refused edit leaves the file as it was
     assert run("remove", "reviews").returncode == 0 and json.loads(path.read_text())["keys"] == []
+    path.write_text("{not json")
+    for args in (("list",), ("add", "x", "--tasks", "sst2"), ("remove", "x")):
+        out = run(*args)
+        assert out.returncode == 1 and "not JSON" in out.stderr and "Traceback" not in out.stderr, args
+    assert path.read_text() == "{not json"
