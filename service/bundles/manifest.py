@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import re
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -155,6 +158,21 @@ class Manifest(BaseModel):
     def kind(self) -> TaskKind:
         """What the head type means (inputs, head, labels, training, scoring)."""
         return kind_of(self.head_type)
+
+    @functools.cached_property
+    def tensor_elements(self) -> int:
+        """Elements of every tensor a bundle with this manifest holds (adapters, LoRA, head): times an element's
+        size, what the task's weights take on a device. Computed once per manifest object: admission asks for
+        it with every request."""
+        from service.bundles.layout import expected_shapes  # layout builds on this module
+
+        return sum(math.prod(shape) for shape in expected_shapes(self).values())
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Manifest:
+        """A copy, without the figures cached from this object's fields (`update` may change them)."""
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("tensor_elements", None)
+        return copied
 
     def output_size(self) -> int:
         """Width of the head's output layer implied by the head type and labels."""

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -22,7 +21,6 @@ from enum import Enum
 import torch
 
 from service.bundles.codec import Bundle
-from service.bundles.layout import expected_shapes
 from service.bundles.manifest import Manifest
 from service.errors import BundleInvalid, CacheFull
 from service.kinds.heads import TaskHead
@@ -74,8 +72,7 @@ class CacheStats:
 def footprint(manifest: Manifest, dtype: torch.dtype) -> int:
     """Device bytes one task's adapter + head take in the cache when computed in `dtype` (what the byte
     budget counts; known from the manifest alone, so the batcher can plan with it before a load)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return itemsize * sum(math.prod(shape) for shape in expected_shapes(manifest).values())
+    return dtype.itemsize * manifest.tensor_elements
 
 
 class AdapterCache:
@@ -110,7 +107,6 @@ class AdapterCache:
         # Heads of entries evicted to make room (not of deleted or replaced versions), kept for a reload:
         # building a head module costs about as much as the rest of a load. At most 4 per slot, LRU.
         self._spare_heads: OrderedDict[Key, TaskHead] = OrderedDict()
-        self._footprints: OrderedDict[int, tuple[Manifest, int]] = OrderedDict()  # id(manifest) -> (it, bytes)
         self.stats = CacheStats()
 
     # --- public --------------------------------------------------------------------------------
@@ -143,20 +139,8 @@ class AdapterCache:
                     self._key_locks[key] = (key_lock, users - 1)
 
     def footprint(self, manifest: Manifest) -> int:
-        """Bytes `manifest`'s task takes in this cache (see `footprint`). Asked for every request's rows, with the
-        registry's long-lived manifest objects: remembered per object (the object is kept with its figure, so
-        its id cannot be reused while remembered)."""
-        with self._lock:
-            known = self._footprints.get(id(manifest))
-            if known is not None and known[0] is manifest:
-                self._footprints.move_to_end(id(manifest))
-                return known[1]
-        nbytes = footprint(manifest, self.dtype)
-        with self._lock:
-            self._footprints[id(manifest)] = (manifest, nbytes)
-            while len(self._footprints) > 4096:
-                self._footprints.popitem(last=False)
-        return nbytes
+        """Bytes `manifest`'s task takes in this cache (see `footprint`)."""
+        return footprint(manifest, self.dtype)
 
     def release(self, entry: CacheEntry) -> None:
         with self._lock:

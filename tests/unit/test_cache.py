@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -13,7 +14,7 @@ from service.bundles.codec import decode_bundle
 from service.bundles.manifest import AdapterConfig
 from service.errors import CacheFull
 from service.modeling.slot_pool import install_slot_pool
-from service.runtime.cache import AdapterCache, EntryState
+from service.runtime.cache import AdapterCache, EntryState, footprint
 from tests.conftest import make_bundle, make_manifest
 
 TASKS = [f"t{i}" for i in range(8)]
@@ -259,16 +260,24 @@ def test_a_reload_after_eviction_reuses_the_head_and_rewrites_the_slot(tiny_back
     assert cache.acquire("t0", 1).head is not head
 
 
-def test_footprint_is_remembered_per_manifest_object_and_never_mixed_up(tiny_backbone):
-    """Admission asks for a footprint with every request: the figure is remembered per manifest object, and
-    each object gets its own (different shapes, different bytes; a new object is computed afresh)."""
-    from service.runtime.cache import footprint
+def test_footprint_is_computed_once_per_manifest_and_never_mixed_up(tiny_backbone):
+    """Admission asks for a footprint with every request: the element count is cached on each manifest
+    object, each object gets its own (different shapes, different bytes), and a copy with other fields is
+    computed afresh."""
+    from service.bundles.layout import expected_shapes
 
     cache = make_cache(tiny_backbone, Fetcher(tiny_backbone.ref), entries_that_fit=2)
     small = make_manifest(tiny_backbone.ref, task="a", adapter=AdapterConfig(bottleneck=8))
     large = make_manifest(tiny_backbone.ref, task="b", adapter=AdapterConfig(bottleneck=32))
+
+    def counted(m):
+        return 4 * sum(math.prod(s) for s in expected_shapes(m).values())  # float32
+
     for _ in range(2):
-        assert cache.footprint(small) == footprint(small, torch.float32)
-        assert cache.footprint(large) == footprint(large, torch.float32) > cache.footprint(small)
+        assert cache.footprint(small) == counted(small)
+        assert cache.footprint(large) == counted(large) > cache.footprint(small)
     again = make_manifest(tiny_backbone.ref, task="a", adapter=AdapterConfig(bottleneck=16))
-    assert cache.footprint(again) == footprint(again, torch.float32) != cache.footprint(small)
+    assert cache.footprint(again) == counted(again) != cache.footprint(small)
+    copied = small.model_copy(update={"adapter": AdapterConfig(bottleneck=32)})
+    assert cache.footprint(copied) == counted(copied) == cache.footprint(large)
+    assert footprint(small, torch.bfloat16) * 2 == cache.footprint(small)
