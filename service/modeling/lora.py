@@ -117,15 +117,12 @@ class LoraPool:
             z = torch.bmm(x, A_l.index_select(0, idx))  # [B, T, r]
             return y.baddbmm_(z, B_l.index_select(0, idx))
         if r.strategy == "gather":
-            # `routing_packed` sets both for packed gather routings with LoRA slots
-            assert r.lora_select is not None and r.token_slots is not None
+            # `routing_packed` sets the slots for packed gather routings with LoRA slots, `SlotPool.route` the mask
+            assert r.lora_select is not None and r.lora_mask is not None
             sel = r.lora_select  # [n]: the batch's LoRA slots, their rank columns stacked
             A_sel = A_l.index_select(0, sel).permute(1, 0, 2).reshape(A_l.shape[1], -1)  # [in, n*r]
             B_sel = B_l.index_select(0, sel).reshape(-1, B_l.shape[2])  # [n*r, out]
-            # the mask at the rank read here, under the pool's lock (a growth may widen it between routing
-            # and forward): each token keeps its own slot's columns; other rows get 0
-            mask = r.token_slots.unsqueeze(-1) == sel.repeat_interleave(A_l.shape[-1])
-            z = (x @ A_sel).mul_(mask.to(x.dtype))
+            z = (x @ A_sel).mul_(r.lora_mask.to(x.dtype))  # each token keeps its own slot's columns; others 0
             return y.addmm_(z, B_sel)
         for i, seg in enumerate(r.segments):
             if target not in self.targets.get(seg.slot, ()):

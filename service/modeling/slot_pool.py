@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, cast
 
 import torch
@@ -126,6 +126,7 @@ class Routing:
     adapter_row_slots: torch.Tensor | None = None  # padded gather: row_slots with separate slots as 0 (None: same)
     # Packed gather with LoRA tasks (see `LoraPool.apply`): the batch's LoRA slots, whose rank columns are stacked
     lora_select: torch.Tensor | None = None
+    lora_mask: torch.Tensor | None = None  # [N, n * rank capacity]: each token's own slot's columns (set by `route`)
 
     @property
     def any_adapter(self) -> bool:
@@ -384,7 +385,7 @@ class SlotPool:
 
     def _lora_columns(self, lora: frozenset[int], strategy: Strategy) -> dict[str, torch.Tensor]:
         """Packed gather: the batch's LoRA slots, in the order their rank columns are stacked (the mask that
-        picks each token's columns is built at the forward, at the rank capacity it reads under the lock)."""
+        picks each token's columns is built by `route`, once a forward, at the rank capacity it reads under the lock)."""
         if strategy != "gather" or not lora:
             return {}
         return {"lora_select": torch.tensor(sorted(lora), dtype=torch.long, device=self.device)}
@@ -403,6 +404,11 @@ class SlotPool:
     def route(self, routing: Routing) -> Iterator[None]:
         """Route the forwards this thread runs inside the block (other threads may route their own)."""
         with self.lock.shared():
+            if routing.lora_select is not None and routing.token_slots is not None:
+                # at the rank capacity read under the lock, which no growth changes until the forward ends
+                columns = routing.lora_select.repeat_interleave(self.lora.rank_capacity)
+                mask = (routing.token_slots.unsqueeze(-1) == columns).to(self.dtype)
+                routing = replace(routing, lora_mask=mask)
             self._local.routing = routing
             try:
                 yield

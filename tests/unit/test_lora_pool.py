@@ -32,7 +32,7 @@ def test_a_routing_made_before_a_rank_growth_still_applies_exactly():
     x = torch.randn(5, D)
     y = torch.zeros(5, D)
     with pool.route(routing):
-        out = pool.lora.apply(0, "query", x, y.clone(), routing)
+        out = pool.lora.apply(0, "query", x, y.clone(), pool.current())  # the routing the layers see
     t = lora_tensors(4, seed=1)
     want = x[:3] @ t[lora_key(0, "query", "A")] @ (t[lora_key(0, "query", "B")] * small.scaling)
     torch.testing.assert_close(out[:3], want, atol=1e-5, rtol=1e-5)
