@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -15,6 +17,11 @@ from service.errors import ServiceError
 from service.runtime.runtime import RuntimeState
 
 router = APIRouter(tags=["health"])
+
+# How long /readyz waits for the store's answer: under the 3 s timeout of the deploy/ probes, so a store
+# that hangs (a blackholed bucket: boto3 retries within its own 5 s timeouts) reads as a failed check, not
+# as a probe timeout that would take every replica out of rotation at once.
+STORE_CHECK_S = 2.0
 
 
 @router.get("/healthz", operation_id="healthz", response_model=HealthResponse)
@@ -40,8 +47,10 @@ async def readyz(request: Request, allow_degraded: bool = False):
                               "batcher": "ok" if rt.ready else "stopped"}
     if svc.store is not None:
         try:
-            await run_in_threadpool(svc.store.ping)
+            await asyncio.wait_for(run_in_threadpool(svc.store.ping), STORE_CHECK_S)
             checks["store"] = "ok"
+        except TimeoutError:
+            checks["store"] = f"no answer within {STORE_CHECK_S:g} s"
         except ServiceError as exc:
             checks["store"] = exc.message
     else:

@@ -201,6 +201,24 @@ async def test_readyz_reports_an_unreachable_store(client, monkeypatch):
     assert "unreachable" in r.json()["checks"]["store"]
 
 
+async def test_readyz_answers_in_time_when_the_store_hangs(client, monkeypatch):
+    """A store that does not answer (a blackholed bucket) is a failed check within STORE_CHECK_S, so a
+    probe with a 3 s timeout gets an answer, and with allow_degraded keeps the replica in rotation."""
+    import time
+
+    from service.api import routes_health
+
+    monkeypatch.setattr(routes_health, "STORE_CHECK_S", 0.2)
+    monkeypatch.setattr(client.app.state.svc.store, "ping", lambda: time.sleep(1.0))
+    t0 = time.perf_counter()
+    r = await client.get("/readyz", params={"allow_degraded": "true"})
+    assert time.perf_counter() - t0 < 0.9
+    assert r.status_code == 200 and r.json()["status"] == "degraded"
+    assert r.json()["checks"]["store"] == "no answer within 0.2 s"
+    r = await client.get("/readyz")
+    assert r.status_code == 503 and "store no answer within 0.2 s" in r.json()["detail"]
+
+
 async def test_predict_api_key_when_configured(client):
     client.app.state.svc.keys = KeyRing(None, all_tasks_key="reader-key")
     assert (await client.post("/predict/sentiment", json={"text": "x"})).status_code == 401
