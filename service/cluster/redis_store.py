@@ -103,13 +103,17 @@ return redis.call('INCR', KEYS[4])
 # value, sha256, size, stored_at, manifest. Returns {outcome code, generation or 0}; codes as in
 # ImportOutcome.
 _IMPORT = """
+local function refused(code)  -- the writer's reservation of the object goes on every path, named or not
+  if ARGV[4] == 'object' then release_one(KEYS[6], KEYS[7], ARGV[5]) end
+  return {code, 0}
+end
 local existing = redis.call('HGET', ARGV[1], 'sha256')
 if existing then
-  if existing == ARGV[6] then return {0, 0} end
-  return {1, 0}
+  if existing == ARGV[6] then return refused(0) end
+  return refused(1)
 end
 local v = tonumber(ARGV[3])
-if v <= tonumber(redis.call('GET', KEYS[1]) or '0') then return {2, 0} end
+if v <= tonumber(redis.call('GET', KEYS[1]) or '0') then return refused(2) end
 redis.call('HSET', ARGV[1], ARGV[4], ARGV[5], 'sha256', ARGV[6], 'size', ARGV[7],
            'stored_at', ARGV[8], 'manifest', ARGV[9])
 if ARGV[4] == 'object' then

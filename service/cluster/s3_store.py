@@ -37,13 +37,18 @@ if TYPE_CHECKING:
 # KEYS: version key, objects, pending objects, pending counts. ARGV: sha256 the bytes were checked against, object key.
 # Returns 1 (moved), 0 (the entry is gone or names other bytes now), 2 (already an object).
 _RELOCATE = """
-if redis.call('HGET', KEYS[1], 'sha256') ~= ARGV[1] then return 0 end
-if redis.call('HEXISTS', KEYS[1], 'object') == 1 then return 2 end
-redis.call('HSET', KEYS[1], 'object', ARGV[2])
-redis.call('HDEL', KEYS[1], 'bundle')
-redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-release_one(KEYS[3], KEYS[4], ARGV[2])
-return 1
+local outcome = 1
+if redis.call('HGET', KEYS[1], 'sha256') ~= ARGV[1] then
+  outcome = 0
+elseif redis.call('HEXISTS', KEYS[1], 'object') == 1 then
+  outcome = 2
+else
+  redis.call('HSET', KEYS[1], 'object', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'bundle')
+  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+end
+release_one(KEYS[3], KEYS[4], ARGV[2])  -- the writer's reservation goes on every path, named or not
+return outcome
 """
 
 

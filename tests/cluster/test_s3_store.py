@@ -18,7 +18,7 @@ from service.cluster.blobs import BlobKind
 from service.cluster.gc import collect_garbage
 from service.cluster.migrate import migrate_to_bucket
 from service.cluster.object_store import S3Bucket
-from service.cluster.redis_store import RedisAdapterStore
+from service.cluster.redis_store import ImportOutcome, RedisAdapterStore
 from service.cluster.s3_store import MoveOutcome, S3RedisAdapterStore
 from service.errors import StoreUnavailable
 from tests.cluster.conftest import bundle
@@ -169,7 +169,28 @@ def test_migrate_moves_redis_held_bytes_into_the_bucket_while_both_kinds_are_rea
     assert s3_store.generation() == generation  # no version changed: replicas have nothing to reload
     assert migrate_to_bucket(s3_store) == {MoveOutcome.ALREADY: 5}  # idempotent
     assert s3_store.move_to_object("old-a", 9) is MoveOutcome.GONE
+    assert no_reservations_left(s3_store)
     redis_only.close()
+
+
+def no_reservations_left(store: S3RedisAdapterStore) -> bool:
+    """No writer's reservation of an object is still pending (each was released when its script ran)."""
+    return store.client.zcard(store.refs.pending_key) == 0 and store.client.hlen(store.refs.counts_key) == 0
+
+
+def test_an_import_the_registry_refuses_leaves_no_reservation_behind(s3_store):
+    """`import_version` writes the object before its script decides; the script releases the writer's
+    reservation whether it names the object or refuses the version, so a conflicting object is left to the
+    collector at once instead of staying pending."""
+    v1, other = bundle(seed=1), bundle(seed=9)
+    assert s3_store.import_version("sst2", 1, v1) is ImportOutcome.WRITTEN
+    assert s3_store.import_version("sst2", 1, v1) is ImportOutcome.UNCHANGED
+    assert s3_store.import_version("sst2", 1, other) is ImportOutcome.CONFLICT
+    assert s3_store.import_version("sst2", 3, bundle(seed=3)) is ImportOutcome.WRITTEN
+    assert s3_store.import_version("sst2", 2, bundle(seed=2)) is ImportOutcome.RESERVED
+    assert no_reservations_left(s3_store)
+    conflicting = s3_store.bucket.key_for("sst2", hashlib.sha256(other).hexdigest())
+    assert s3_store.bucket.exists(conflicting) and conflicting not in s3_store.refs.referenced()
 
 
 def test_the_store_commands_migrate_and_collect(s3_store, seaweed, monkeypatch):
