@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from service.cluster.redis_store import RedisAdapterStore
     from service.cluster.s3_store import S3RedisAdapterStore
     from service.settings import ServiceSettings
 
@@ -35,12 +34,14 @@ def store_sync_command(
     exists in Redis with other bytes (left untouched) or Redis cannot be reached.
     """
     from service.bundles.store import LocalAdapterStore
+    from service.cluster.redis_store import RedisAdapterStore
     from service.cluster.seed import seed_redis
     from service.errors import ServiceError
     from service.settings import ServiceSettings
 
-    target = _store(ServiceSettings(redis_url=redis_url, redis_key_prefix=key_prefix, redis_timeout_s=timeout,
-                                    replica_id="store-sync"), require_bucket=False)
+    settings = ServiceSettings(redis_url=redis_url, redis_key_prefix=key_prefix, redis_timeout_s=timeout,
+                               replica_id="store-sync")
+    target = _bucket_store(settings, "sync") if settings.s3_endpoint else RedisAdapterStore.from_settings(settings)
     try:
         reports = seed_redis(LocalAdapterStore(src), target, overwrite_active=overwrite_active)
     except ServiceError as exc:
@@ -71,7 +72,7 @@ def store_gc_command(
     from service.settings import ServiceSettings
 
     settings = ServiceSettings()
-    store = _bucket_store(settings)
+    store = _bucket_store(settings, "gc")
     try:
         report = collect_garbage(store, grace_s=settings.s3_gc_grace_s if grace_s is None else grace_s)
     except ServiceError as exc:
@@ -97,9 +98,8 @@ def store_migrate_command():
     from service.errors import ServiceError
     from service.settings import ServiceSettings
 
-    store = _bucket_store(ServiceSettings())
+    store = _bucket_store(ServiceSettings(), "migrate")
     try:
-        store.bucket.ensure_bucket()
         counts = migrate_to_bucket(store, on_version=lambda t, v, o: typer.echo(f"{t} v{v}: {o.name.lower()}"))
     except ServiceError as exc:
         typer.echo(f"store migrate failed: {exc.message}", err=True)
@@ -110,23 +110,22 @@ def store_migrate_command():
                f"{counts[MoveOutcome.ALREADY]} were there already, {counts[MoveOutcome.GONE]} deleted meanwhile")
 
 
-def _store(settings: ServiceSettings, *, require_bucket: bool) -> RedisAdapterStore:
-    """The store the settings describe: Redis + bucket with ADAPTER_SERVICE_S3_ENDPOINT, else Redis alone
-    (its URL is always set here: a required option of the commands that call this)."""
-    from service.cluster.redis_store import RedisAdapterStore
-
-    if settings.s3_endpoint or require_bucket:
-        return _bucket_store(settings)
-    return RedisAdapterStore.from_settings(settings)
-
-
-def _bucket_store(settings: ServiceSettings) -> S3RedisAdapterStore:
+def _bucket_store(settings: ServiceSettings, command: str) -> S3RedisAdapterStore:
+    """The Redis + bucket store of the settings, without a local blob cache (a one-off command reads each
+    bundle once at most), its bucket created if missing. Exits 2 when no bucket is configured, 1 when it
+    cannot be reached."""
     from service.cluster.s3_store import S3RedisAdapterStore
+    from service.errors import ServiceError
 
     if not (settings.redis_url and settings.s3_endpoint):
         typer.echo("error: set ADAPTER_SERVICE_REDIS_URL and ADAPTER_SERVICE_S3_ENDPOINT (and the bucket's "
                    "credentials) as for the replicas", err=True)
         raise typer.Exit(2)
-    store = S3RedisAdapterStore.from_settings(settings)
-    store.bucket.ensure_bucket()
+    store = S3RedisAdapterStore.from_settings(settings.model_copy(update={"blob_cache_bytes": 0}))
+    try:
+        store.bucket.ensure_bucket()
+    except ServiceError as exc:
+        store.close()
+        typer.echo(f"store {command} failed: {exc.message}", err=True)
+        raise typer.Exit(1) from None
     return store

@@ -193,13 +193,14 @@ def test_an_import_the_registry_refuses_leaves_no_reservation_behind(s3_store):
     assert s3_store.bucket.exists(conflicting) and conflicting not in s3_store.refs.referenced()
 
 
-def test_the_store_commands_migrate_and_collect(s3_store, seaweed, monkeypatch):
+def test_the_store_commands_migrate_and_collect(s3_store, seaweed, monkeypatch, tmp_path):
     redis_only = RedisAdapterStore(s3_store.url, key_prefix=s3_store.key_prefix)
     redis_only.put("legacy", bundle("legacy"))
     s3_store.put("doomed", bundle("doomed"))
     s3_store.delete_task("doomed")
     for name, value in {**seaweed.env(prefix=s3_store.bucket.prefix), "ADAPTER_SERVICE_REDIS_URL": s3_store.url,
-                        "ADAPTER_SERVICE_REDIS_KEY_PREFIX": s3_store.key_prefix}.items():
+                        "ADAPTER_SERVICE_REDIS_KEY_PREFIX": s3_store.key_prefix,
+                        "ADAPTER_SERVICE_BLOB_CACHE_DIR": str(tmp_path / "command-blob-cache")}.items():
         monkeypatch.setenv(name, value)
     runner = CliRunner()
     migrated = runner.invoke(app, ["store", "migrate"])
@@ -211,6 +212,12 @@ def test_the_store_commands_migrate_and_collect(s3_store, seaweed, monkeypatch):
     assert re.search(r"deleted \S+/doomed/[0-9a-f]{64}\.safetensors", collected.output)
     assert "deleted 1 object(s)" in collected.output and "kept 1 referenced" in collected.output
     assert SECRET_KEY not in migrated.output + collected.output
+    assert not (tmp_path / "command-blob-cache").exists()  # a one-off command keeps no local copy of what it read
+    monkeypatch.setenv("ADAPTER_SERVICE_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("ADAPTER_SERVICE_S3_TIMEOUT_S", "0.5")
+    for command in ("gc", "migrate"):
+        down = runner.invoke(app, ["store", command])
+        assert down.exit_code == 1 and f"store {command} failed" in down.output, down.output
     monkeypatch.delenv("ADAPTER_SERVICE_S3_ENDPOINT")
     refused = runner.invoke(app, ["store", "gc"])
     assert refused.exit_code == 2 and "ADAPTER_SERVICE_S3_ENDPOINT" in refused.output
