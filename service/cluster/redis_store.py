@@ -46,7 +46,7 @@ from service.bundles.store import VersionInfo
 from service.cluster.blobs import BlobKind, Blobs, InlineBlobs
 from service.cluster.connection import connect, default_replica_id, redis_errors
 from service.cluster.events import ChangeEvent, EventKind, events_channel, publish_event
-from service.cluster.object_refs import RELEASE_ONE
+from service.cluster.object_refs import RELEASE_ONE, ObjectRefs
 from service.errors import BundleInvalid, StoreUnavailable, TaskNotFound, VersionNotFound
 
 if TYPE_CHECKING:
@@ -155,10 +155,9 @@ class RedisAdapterStore:
         replica_id: str | None = None,
         announce: bool = True,
         max_connections: int = 32,
-        blobs: Blobs | None = None,
     ):
         """`announce=False`: do not publish change events (replicas then learn of writes by resync only).
-        `blobs`: where new versions' bytes go (default: inline in Redis)."""
+        New versions' bytes go inline into Redis (`blobs`; `S3RedisAdapterStore` puts them in a bucket)."""
         self.url = url
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
@@ -171,7 +170,9 @@ class RedisAdapterStore:
         self._delete_script = self.client.register_script(_DELETE)
         self._import_script = self.client.register_script(RELEASE_ONE + _IMPORT)
         self._waitaof: bool | None = None  # None: not probed yet
-        self.blobs: Blobs = blobs or InlineBlobs()
+        self.blobs: Blobs = _INLINE
+        self.refs = ObjectRefs(self.client, key_prefix)  # which bucket objects the entries name
+        self._object_keys = [self.refs.objects_key, self.refs.pending_key, self.refs.counts_key]
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> RedisAdapterStore:
@@ -267,8 +268,7 @@ class RedisAdapterStore:
         stored_at = datetime.now(timezone.utc)
         location = self.blobs.store(task, sha, data)  # the bytes first: no entry ever names missing bytes
         keys = [self._task_key(task, n) for n in ("last", "versions", "active")] + [
-            self._key("tasks"), self._key("generation"), self._key("objects"), self._key("objects:pending"),
-            self._key("objects:pending:count"),
+            self._key("tasks"), self._key("generation"), *self._object_keys,
         ]
         args = [
             self._task_key(task, "v:"), task, self.blobs.kind.value, location, sha, len(data), stored_at.isoformat(),
@@ -290,7 +290,7 @@ class RedisAdapterStore:
 
     def delete_task(self, task: str) -> None:
         keys = [self._task_key(task, "versions"), self._task_key(task, "active"), self._key("tasks"),
-                self._key("generation"), self._key("objects")]
+                self._key("generation"), self.refs.objects_key]
         generation: int = self._write(self._delete_script, keys, [self._task_key(task, "v:"), task])
         if generation == 0:
             raise TaskNotFound(task)
@@ -307,8 +307,7 @@ class RedisAdapterStore:
         if int(version) < 1:
             raise VersionNotFound(task, version)
         keys = [self._task_key(task, "last"), self._task_key(task, "versions"), self._key("tasks"),
-                self._key("generation"), self._key("objects"), self._key("objects:pending"),
-                self._key("objects:pending:count")]
+                self._key("generation"), *self._object_keys]
         sha = hashlib.sha256(data).hexdigest()
         args = [
             self._version_key(task, version), task, int(version), self.blobs.kind.value,

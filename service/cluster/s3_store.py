@@ -96,7 +96,6 @@ class S3RedisAdapterStore(RedisAdapterStore):
     def __init__(self, url: str, bucket: S3Bucket, *, cache: DiskBlobCache | None = None, **kwargs: Any):
         super().__init__(url, **kwargs)
         self.bucket = bucket
-        self.refs = ObjectRefs(self.client, self.key_prefix)
         self.blobs = ObjectBlobs(bucket, self.refs, cache)
         self._relocate_script = self.client.register_script(RELEASE_ONE + _RELOCATE)
 
