@@ -37,13 +37,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api.auth import require_api_key
 from service.api.deps import Services, services
 from service.api.errors import describe_validation_error, error_response
-from service.api.metrics import UNKNOWN_TASK
 from service.api.oip_schemas import (
     INFER_EXAMPLES,
     InferenceRequest,
@@ -63,6 +61,7 @@ from service.api.oip_tensors import (
     select_outputs,
 )
 from service.api.responses import JSON
+from service.api.serving import live_view, metrics_label, predict_rows
 from service.runtime.registry import TaskView
 
 SERVER_NAME = PLATFORM = "adapter-service"
@@ -168,9 +167,9 @@ INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": 
     "schema": _inline(InferenceRequest), "examples": INFER_EXAMPLES}}}}
 
 
-def _view(svc: Services, task: str, version: str | None) -> TaskView:
+async def _view(svc: Services, task: str, version: str | None) -> TaskView:
     """The task's live view, the way /predict resolves it; `version`, when given, must be the active one."""
-    view = svc.registry.get(task) or svc.registry.resolve(task)
+    view = await live_view(svc, task)
     if version is not None and version != str(view.version):
         raise Refused(404, f"task '{task}' serves only its active version, {view.version}, not version '{version}'")
     return view
@@ -206,14 +205,14 @@ async def server_ready(request: Request):
 
 async def _metadata(request: Request, svc: Services, version: str | None) -> JSON:
     task = request.path_params["task"]
-    view = await run_in_threadpool(_view, svc, task, version)
+    view = await _view(svc, task, version)
     m = view.manifest
     return JSON(model_metadata(task, view.version, m.kind, m.labels, PLATFORM))
 
 
 async def _ready(request: Request, svc: Services, version: str | None) -> JSON:
     task = request.path_params["task"]
-    await run_in_threadpool(_view, svc, task, version)  # unknown: 404; not ready: 503 (from `services`)
+    await _view(svc, task, version)  # unknown: 404; not ready: 503 (from `services`)
     return JSON({"name": task, "ready": True})
 
 
@@ -261,33 +260,19 @@ async def _infer(request: Request, svc: Services, version: str | None) -> JSON:
             body = InferenceRequest.model_validate_json(await request.body())
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from None
-        view = svc.registry.get(task)
-        if view is None or version is not None:
-            view = await run_in_threadpool(_view, svc, task, version)
+        view = await _view(svc, task, version)
         kind = view.manifest.kind
         chosen = select_outputs(output_specs(kind, view.manifest.labels), body.outputs)
-        s = svc.settings
-        texts, pairs = predict_request(kind, body.inputs).inputs(
-            kind, max_items=s.max_items_per_request, max_chars=s.max_text_chars)
-        rows = svc.engine.encode(view.manifest, texts, pairs)
-        results = await svc.batcher.submit(svc.engine.requests(task, view.version, view.manifest, rows))
-        for r in results:
-            if r.error is not None:
-                raise r.error
-        predictions = [cast("dict[str, Any]", r.prediction) for r in results]
+        predictions = await predict_rows(svc, task, view, predict_request(kind, body.inputs))
         response = JSON({"model_name": task, "model_version": str(view.version), "id": body.id or str(uuid.uuid4()),
                          "outputs": output_tensors(chosen, predictions)})
     except asyncio.CancelledError:
-        svc.metrics.observe_request(_label(svc, task), 499, time.perf_counter() - t0)  # 499: client went away
+        svc.metrics.observe_request(metrics_label(svc, task), 499, time.perf_counter() - t0)  # 499: client went away
         raise
     except Exception as exc:
         response = v2_error(exc)
-    svc.metrics.observe_request(_label(svc, task), response.status_code, time.perf_counter() - t0)
+    svc.metrics.observe_request(metrics_label(svc, task), response.status_code, time.perf_counter() - t0)
     return response
-
-
-def _label(svc: Services, task: str) -> str:
-    return task if svc.registry.get(task) is not None else UNKNOWN_TASK  # bounded label cardinality
 
 
 INFER_ERRORS = _errors(400, 401, 403, 404, 413, 503)

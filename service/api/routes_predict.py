@@ -7,15 +7,14 @@ import time
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Body, Depends, Path, Request
-from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import require_api_key
 from service.api.contract import JSON_BODY, errors
 from service.api.deps import Services, services
 from service.api.errors import status_for
-from service.api.metrics import UNKNOWN_TASK
 from service.api.responses import JSON
 from service.api.schemas import PREDICT_EXAMPLES, EmbedRequest, EmbedResponse, PredictRequest, PredictResponse
+from service.api.serving import live_view, metrics_label, predict_rows
 from service.runtime.engine import RowRequest
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
@@ -37,23 +36,14 @@ async def predict(
     """Predict with one task. Requests for different tasks share backbone forwards."""
     t0 = time.perf_counter()
     try:
-        view = svc.registry.get(task)
-        if view is None:
-            view = await run_in_threadpool(svc.registry.resolve, task)
-        s = svc.settings
-        texts, pairs = body.inputs(view.manifest.kind, max_items=s.max_items_per_request, max_chars=s.max_text_chars)
-        rows = svc.engine.encode(view.manifest, texts, pairs)
-        results = await svc.batcher.submit(svc.engine.requests(task, view.version, view.manifest, rows))
-        for r in results:
-            if r.error is not None:
-                raise r.error
-        response = JSON({"task": task, "version": view.version, "predictions": [r.prediction for r in results]})
+        view = await live_view(svc, task)
+        predictions = await predict_rows(svc, task, view, body)
+        response = JSON({"task": task, "version": view.version, "predictions": predictions})
         svc.metrics.observe_request(task, 200, time.perf_counter() - t0)
         return response
     except BaseException as exc:
-        label = task if svc.registry.get(task) is not None else UNKNOWN_TASK  # bounded label cardinality
         status = 499 if isinstance(exc, asyncio.CancelledError) else status_for(exc)  # 499: client went away
-        svc.metrics.observe_request(label, status, time.perf_counter() - t0)
+        svc.metrics.observe_request(metrics_label(svc, task), status, time.perf_counter() - t0)
         raise
 
 
