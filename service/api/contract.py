@@ -11,10 +11,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from pydantic import BaseModel
 from starlette.routing import compile_path
 from starlette.types import Scope
 
@@ -37,13 +38,13 @@ RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying",
 WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}
 
 
-def errors(*codes: int, **described: str) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route: each code with `ErrorBody` and a description (`e404="Unknown version"`
-    overrides the default one)."""
+def errors(*codes: int, model: type[BaseModel] = ErrorBody, descriptions: Mapping[int, str] = ERROR_DESCRIPTIONS,
+           **described: str) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: each code with its error body `model` and a description from `descriptions`
+    (`e404="Unknown version"` overrides it), and the headers the service sends with it."""
     out: dict[int | str, dict[str, Any]] = {}
     for code in codes:
-        entry: dict[str, Any] = {"model": ErrorBody,
-                                 "description": described.get(f"e{code}", ERROR_DESCRIPTIONS[code])}
+        entry: dict[str, Any] = {"model": model, "description": described.get(f"e{code}", descriptions[code])}
         if code == 503:
             entry["headers"] = RETRY_AFTER
         elif code == 401:

@@ -53,17 +53,23 @@ def status_for(exc: BaseException) -> int:
     return 500
 
 
-def error_response(exc: BaseException) -> JSON:
+def error_parts(exc: BaseException) -> tuple[int, str, dict[str, str]]:
+    """The one mapping of an error to (status, message, headers), for every protocol's error body; logs a 500."""
     status = status_for(exc)
     if status == 500 or not isinstance(exc, ServiceError):  # only ServiceErrors get other statuses
         log.error("unhandled error: %r", exc, exc_info=exc)
-        return JSON({"detail": "internal server error"}, status_code=500)
+        return 500, "internal server error", {}
     headers = {}
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     elif status == 503:
         headers["Retry-After"] = "5"
-    return JSON({"detail": exc.message}, status_code=status, headers=headers)
+    return status, exc.message, headers
+
+
+def error_response(exc: BaseException) -> JSON:
+    status, message, headers = error_parts(exc)
+    return JSON({"detail": message}, status_code=status, headers=headers)
 
 
 def describe_validation_error(exc: RequestValidationError) -> str:

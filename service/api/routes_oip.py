@@ -31,7 +31,6 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, cast
 
-import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -40,8 +39,9 @@ from pydantic import BaseModel, ValidationError
 
 from service import __version__
 from service.api.auth import require_api_key
+from service.api.contract import errors
 from service.api.deps import Services, services
-from service.api.errors import describe_validation_error, error_response
+from service.api.errors import describe_validation_error, error_parts
 from service.api.oip_schemas import (
     INFER_EXAMPLES,
     InferenceRequest,
@@ -84,10 +84,8 @@ def v2_error(exc: Exception) -> JSON:
         return JSON({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
     if isinstance(exc, RequestValidationError):
         return JSON({"error": describe_validation_error(exc)}, status_code=400)
-    base = error_response(exc)  # the one mapping (and the log line of a 500)
-    detail = orjson.loads(base.body)["detail"]
-    headers = {"Retry-After": base.headers["retry-after"]} if "retry-after" in base.headers else None
-    return JSON({"error": detail}, status_code=400 if base.status_code == 422 else base.status_code, headers=headers)
+    status, message, headers = error_parts(exc)  # the one mapping (and the log line of a 500)
+    return JSON({"error": message}, status_code=400 if status == 422 else status, headers=headers)
 
 
 class OipRoute(APIRoute):
@@ -123,19 +121,8 @@ DESCRIPTIONS = {
 }
 
 
-HEADERS = {
-    401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
-    503: {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}},
-}
-
-
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    out: dict[int | str, dict[str, Any]] = {}
-    for code in codes:
-        out[code] = {"model": OipError, "description": DESCRIPTIONS[code]}
-        if code in HEADERS:
-            out[code]["headers"] = HEADERS[code]
-    return out
+    return errors(*codes, model=OipError, descriptions=DESCRIPTIONS)
 
 
 # Path parameters are read from the request, not declared on the handlers, so FastAPI does not document a
