@@ -24,7 +24,7 @@ them (float32 under `int8`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,21 +103,29 @@ INT8_MIN_SPEEDUP = 1.2
 """`auto` takes int8 (where bfloat16 is not fast) only when its probe is at least this much faster."""
 
 
-def int8_speedup(tokens: int = 256, hidden: int = 384, reps: int = 6) -> float:
-    """float32 time / int8 time of the same linear layer as `bf16_speedup`, the int8 one dynamically quantised
-    as the `int8` mode runs it (with its smoothing multiply): the median of `reps` timed calls each."""
+def quantize_int8(model: torch.nn.Module, paths: Iterable[str]) -> None:
+    """Dynamic int8, in place, for the linear layers at `paths` in `model`: int8 weights with one scale per
+    output channel, activations quantised at each call (PyTorch's fbgemm / oneDNN kernels, VNNI dot products
+    where the CPU has them). The one place the `int8` mode and its speed probe quantise."""
     import warnings
 
     import torch.ao.quantization as tq
 
-    x = torch.randn(tokens, hidden)
-    linear = torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden)).eval()
-    inv_scale = torch.rand(hidden) + 0.5
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        quantized = tq.quantize_dynamic(  # type: ignore[no-untyped-call]
-            torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden)).eval(), {torch.nn.Linear},
-            dtype=torch.qint8)
+        # torch leaves quantize_dynamic unannotated, and strict mode refuses calls to untyped functions
+        tq.quantize_dynamic(  # type: ignore[no-untyped-call]
+            model, dict.fromkeys(paths, tq.per_channel_dynamic_qconfig), dtype=torch.qint8, inplace=True)
+
+
+def int8_speedup(tokens: int = 256, hidden: int = 384, reps: int = 6) -> float:
+    """float32 time / int8 time of the same linear layer as `bf16_speedup`, the int8 one quantised as the
+    `int8` mode runs it (`quantize_int8`, with its smoothing multiply): the median of `reps` timed calls each."""
+    x = torch.randn(tokens, hidden)
+    linear = torch.nn.Linear(hidden, 4 * hidden).eval()
+    inv_scale = torch.rand(hidden) + 0.5
+    quantized = torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden)).eval()
+    quantize_int8(quantized, ["0"])
     with torch.inference_mode():
         return _speed_ratio(lambda: linear(x), lambda: quantized(x * inv_scale), reps)
 

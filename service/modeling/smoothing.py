@@ -21,7 +21,6 @@ wrap a plain linear: they see the unsmoothed input and output.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from service.modeling.backbone import ArchSpec, get_layers, get_submodule, set_submodule
+from service.modeling.precision import quantize_int8
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -87,7 +87,6 @@ def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec
     """Smooth and int8-quantise the query/key/value, attention output and feed-forward inner projections of
     every layer of the frozen float32 `model`, in place; the feed-forward output stays float32. Returns how
     many projections were quantised."""
-    import torch.ao.quantization as tq
 
     linears: dict[str, tuple[nn.Linear, float]] = {}
     for i, layer in enumerate(get_layers(model, spec)):
@@ -103,10 +102,5 @@ def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec
         linear.weight.data = (w.float() * s).to(w.dtype)
         set_submodule(model, path, SmoothedLinear(linear, (1.0 / s).to(w.dtype), linear.in_features,
                                                   linear.out_features))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        # torch leaves quantize_dynamic unannotated, and strict mode refuses calls to untyped functions
-        tq.quantize_dynamic(  # type: ignore[no-untyped-call]
-            model, {f"{path}.inner": tq.per_channel_dynamic_qconfig for path in linears}, dtype=torch.qint8,
-            inplace=True)
+    quantize_int8(model, (f"{path}.inner" for path in linears))
     return len(linears)
