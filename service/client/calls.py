@@ -175,10 +175,10 @@ def _readiness(response: httpx.Response) -> Readiness:
 # --- the calls ----------------------------------------------------------------------------------------------
 
 
-def _task_path(task: str, suffix: str = "") -> str:
+def _task_path(task: str, suffix: str = "", *, prefix: str = "/adapters/") -> str:
     if not isinstance(task, str) or not task:
         raise ValueError("task must be a non-empty string")
-    return f"/adapters/{quote(task, safe='')}{suffix}"
+    return f"{prefix}{quote(task, safe='')}{suffix}"
 
 
 def _strings(name: str, values: Sequence[str] | None) -> list[str] | None:
@@ -206,9 +206,7 @@ def predict_body(
 
 def predict(task: str, body: Mapping[str, Any]) -> Call[PredictResult]:
     """POST /predict/{task}: nothing is stored, so it is safe to retry."""
-    if not isinstance(task, str) or not task:
-        raise ValueError("task must be a non-empty string")
-    return Call("POST", f"/predict/{quote(task, safe='')}", _model(PredictResult), json=dict(body))
+    return Call("POST", _task_path(task, prefix="/predict/"), _model(PredictResult), json=dict(body))
 
 
 def embed(texts: Sequence[str]) -> Call[Embeddings]:
