@@ -19,9 +19,10 @@ import logging
 import os
 import re
 import threading
-import uuid
 from collections import OrderedDict
 from pathlib import Path
+
+from service.bundles.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,10 @@ class DiskBlobCache:
         if not _NAME.match(sha256) or len(data) > self.max_bytes:
             return
         path = self._path(sha256)
-        tmp = path.with_name(f".{sha256}.tmp-{uuid.uuid4().hex}")
         try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            atomic_write_bytes(path, data, durable=False)  # what is read back is checked against its name
         except OSError as exc:
             log.warning("blob cache: could not write %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             return
         with self._lock:
             self._forget(sha256)
