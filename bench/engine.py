@@ -47,11 +47,11 @@ from bench.common import (
 )
 from service.bundles.store import LocalAdapterStore
 from service.host_memory import keep_freed_memory
-from service.modeling.backbone import load_backbone, pick_device, resolve_backbone_path
+from service.modeling.backbone import int8_gated, load_backbone, pick_device, resolve_backbone_path
 from service.modeling.precision import choose_precision
 from service.runtime.engine import Engine, RowRequest
 from service.runtime.runtime import forward_parallelism
-from service.settings import ServiceSettings
+from service.settings import DEFAULT_BACKBONE, ServiceSettings
 
 BASELINE = "float32_padded_backbone_only"
 
@@ -143,7 +143,7 @@ def main() -> None:
     allocator_tuned = keep_freed_memory() if args.keep_freed_memory else False
     cpu = device.type == "cpu"
     precisions = (args.precisions or ("float32,bfloat16,int8" if cpu else "float32,float16,bfloat16")).split(",")
-    auto = choose_precision("auto", device)
+    auto = choose_precision("auto", device, int8_gated=int8_gated(DEFAULT_BACKBONE))
 
     root = Path(tempfile.mkdtemp(prefix="bench-store-"))
     engines: dict[str, Engine] = {}

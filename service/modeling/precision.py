@@ -2,20 +2,20 @@
 
 Modes (`ADAPTER_SERVICE_DTYPE`):
 - `float32`, `float16` (CUDA only), `bfloat16`: the backbone's weights and activations in that format.
-- `int8`: the backbone's query/key/value, attention output and feed-forward inner projections hold int8
-  weights (one scale per output channel) and quantise their smoothed input per batch (PyTorch's dynamic
-  quantisation, fbgemm/x86 kernels with VNNI dot products; the recipe: `service.modeling.smoothing`);
-  everything else (embeddings, attention, the feed-forward output, LayerNorm, adapters, heads) float32. CPU
-  only.
+- `int8`: every projection of the frozen backbone's layers (query, key, value, attention output, feed-forward
+  inner and output) holds int8 weights (one scale per output channel) and quantises its smoothed input per
+  token at each call (`service.modeling.int8`: PyTorch's fbgemm kernels, VNNI dot products; the recipe:
+  `service.modeling.smoothing`); everything else (embeddings, attention, LayerNorm, adapters, heads)
+  float32. CPU only.
 - `auto`: the fastest mode whose accuracy stays within the gate of docs/accuracy.md (0.5 points of
   float32 on every shipped task): CUDA: bfloat16 where the GPU computes it natively (compute capability
-  >= 8.0), else float16. CPU: bfloat16 where the CPU has bfloat16 instructions (AMX-BF16 or AVX512-BF16)
-  *and* a short measured probe at start-up finds a bfloat16 matmul of the backbone's kind at least
-  `BF16_MIN_SPEEDUP` times as fast as float32, else float32. The flags alone do not decide: on a VM whose
-  CPU reports `avx512_bf16` without AMX, PyTorch's bfloat16 matmuls ran at half the float32 speed
-  (docs/benchmarks.md, session 5). Where bfloat16 is not fast, `int8` when the backbone's int8 accuracy
-  is recorded within the gate (`int8_gated`, `backbone.INT8_GATED_BACKBONES`: none yet, see docs/accuracy.md)
-  and its probe measures it at least `INT8_MIN_SPEEDUP` times as fast as float32; else float32.
+  >= 8.0), else float16. CPU: of float32 and the candidates below, the one a short measured probe at
+  start-up finds fastest (one linear layer of the backbone's kind, each candidate against float32):
+  bfloat16 where the CPU has bfloat16 instructions (AMX-BF16 or AVX512-BF16) and the probe measures it at
+  least `BF16_MIN_SPEEDUP` times as fast as float32 (the flags alone do not decide: on a VM whose CPU reports
+  `avx512_bf16` without AMX, PyTorch's bfloat16 matmuls ran at half the float32 speed, docs/benchmarks.md,
+  session 5); int8 where the backbone's int8 accuracy is recorded within the gate (`int8_gated`,
+  `backbone.INT8_GATED_BACKBONES`) and its probe measures at least `INT8_MIN_SPEEDUP`.
 
 Adapter and head weights stay float32 in bundles; the cache casts them to the compute dtype when it loads
 them (float32 under `int8`).
@@ -24,7 +24,7 @@ them (float32 under `int8`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,9 @@ class Precision:
     mode: str  # float32 | float16 | bfloat16 | int8
     dtype: torch.dtype
     reason: str
+    int8_ffn_out_dtype: torch.dtype = torch.float32
+    """int8 mode: the dtype of its one projection that is not int8, the feed-forward output (bfloat16 where the
+    CPU computes bfloat16 fast, see `service.modeling.smoothing`)."""
 
     @property
     def quantized(self) -> bool:
@@ -103,31 +106,18 @@ INT8_MIN_SPEEDUP = 1.2
 """`auto` takes int8 (where bfloat16 is not fast) only when its probe is at least this much faster."""
 
 
-def quantize_int8(model: torch.nn.Module, paths: Iterable[str]) -> None:
-    """Dynamic int8, in place, for the linear layers at `paths` in `model`: int8 weights with one scale per
-    output channel, activations quantised at each call (PyTorch's fbgemm / oneDNN kernels, VNNI dot products
-    where the CPU has them). The one place the `int8` mode and its speed probe quantise."""
-    import warnings
-
-    import torch.ao.quantization as tq
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        # torch leaves quantize_dynamic unannotated, and strict mode refuses calls to untyped functions
-        tq.quantize_dynamic(  # type: ignore[no-untyped-call]
-            model, dict.fromkeys(paths, tq.per_channel_dynamic_qconfig), dtype=torch.qint8, inplace=True)
-
-
 def int8_speedup(tokens: int = 256, hidden: int = 384, reps: int = 6) -> float:
-    """float32 time / int8 time of the same linear layer as `bf16_speedup`, the int8 one quantised as the
-    `int8` mode runs it (`quantize_int8`, with its smoothing multiply): the median of `reps` timed calls each."""
+    """float32 time / int8 time of the same linear layer as `bf16_speedup`, the int8 one as the `int8` mode
+    runs it (`Int8Linear`, with its smoothing multiply and per-token scales): the median of `reps` timed calls
+    each."""
+    from service.modeling.int8 import Int8Linear, full_range_activations
+
     x = torch.randn(tokens, hidden)
     linear = torch.nn.Linear(hidden, 4 * hidden).eval()
-    inv_scale = torch.rand(hidden) + 0.5
-    quantized = torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden)).eval()
-    quantize_int8(quantized, ["0"])
+    quantized = Int8Linear(linear.weight, linear.bias, torch.rand(hidden) + 0.5,
+                           full_range=full_range_activations(cpu_flags()))
     with torch.inference_mode():
-        return _speed_ratio(lambda: linear(x), lambda: quantized(x * inv_scale), reps)
+        return _speed_ratio(lambda: linear(x), lambda: quantized(x), reps)
 
 
 def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | None = None,
@@ -141,23 +131,7 @@ def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | No
     cpu = device.type == "cpu"
     if requested == "auto":
         if cpu:
-            flag = native_bf16_cpu() if cpu_bf16 is None else (cpu_bf16 or None)
-            if flag:
-                speedup = bf16_speedup() if cpu_bf16_speedup is None else cpu_bf16_speedup
-                if speedup >= BF16_MIN_SPEEDUP:
-                    return Precision("bfloat16", torch.bfloat16, f"auto: the CPU computes bfloat16 natively "
-                                     f"({flag}); measured {speedup:.2f}x float32's speed")
-                why = f"the CPU has {flag}, but bfloat16 measured {speedup:.2f}x float32's speed (< {BF16_MIN_SPEEDUP})"
-            else:
-                why = "the CPU has no bfloat16 instructions (no avx512_bf16/amx_bf16)"
-            if not int8_gated:
-                return Precision("float32", torch.float32, f"auto: {why}; int8 is not gated for this backbone")
-            gain = int8_speedup() if cpu_int8_speedup is None else cpu_int8_speedup
-            if gain >= INT8_MIN_SPEEDUP:
-                return Precision("int8", torch.float32, f"auto: {why}; int8 (within the accuracy gate for this "
-                                 f"backbone) measured {gain:.2f}x float32's speed")
-            return Precision("float32", torch.float32, f"auto: {why}; int8 measured {gain:.2f}x float32's speed "
-                             f"(< {INT8_MIN_SPEEDUP})")
+            return _auto_cpu(cpu_bf16, cpu_bf16_speedup, int8_gated, cpu_int8_speedup)
         cap = torch.cuda.get_device_capability(device) if cuda_capability is None else cuda_capability
         if cap >= (8, 0):
             return Precision("bfloat16", torch.bfloat16, f"auto: GPU compute capability {cap[0]}.{cap[1]} >= 8.0")
@@ -166,5 +140,51 @@ def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | No
         raise ValueError("float16 is not supported on CPU; use bfloat16, int8 or float32")
     if requested == "int8" and not cpu:
         raise ValueError("int8 (dynamic quantisation) runs on CPU only; use float16 or bfloat16 on CUDA")
+    if requested == "int8":
+        _, speedup = _bf16_probe(cpu_bf16, cpu_bf16_speedup)
+        return _int8(speedup, "set by ADAPTER_SERVICE_DTYPE")
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
     return Precision(requested, dtype[requested], "set by ADAPTER_SERVICE_DTYPE")
+
+
+def _bf16_probe(cpu_bf16: str | None, cpu_bf16_speedup: float | None) -> tuple[str | None, float | None]:
+    """The CPU's bfloat16 flag and, where it has one, bfloat16's measured speed-up (None without the flag)."""
+    flag = native_bf16_cpu() if cpu_bf16 is None else (cpu_bf16 or None)
+    if not flag:
+        return None, None
+    return flag, bf16_speedup() if cpu_bf16_speedup is None else cpu_bf16_speedup
+
+
+def _int8(bf16_gain: float | None, reason: str) -> Precision:
+    """The int8 mode, its feed-forward output in bfloat16 where bfloat16 measured fast, else float32."""
+    if bf16_gain is not None and bf16_gain >= BF16_MIN_SPEEDUP:
+        return Precision("int8", torch.float32, f"{reason}; feed-forward output in bfloat16", torch.bfloat16)
+    return Precision("int8", torch.float32, f"{reason}; feed-forward output in float32")
+
+
+def _auto_cpu(cpu_bf16: str | None, cpu_bf16_speedup: float | None, int8_gated: bool,
+              cpu_int8_speedup: float | None) -> Precision:
+    """`auto` on CPU: the fastest of float32 and the candidates that qualify (see the module docstring)."""
+    flag, speedup = _bf16_probe(cpu_bf16, cpu_bf16_speedup)
+    candidates: dict[str, float] = {}
+    notes = []
+    if flag and speedup is not None:
+        notes.append(f"bfloat16 ({flag}) measured {speedup:.2f}x float32's speed")
+        if speedup >= BF16_MIN_SPEEDUP:
+            candidates["bfloat16"] = speedup
+    else:
+        notes.append("the CPU has no bfloat16 instructions (no avx512_bf16/amx_bf16)")
+    if int8_gated:
+        gain = int8_speedup() if cpu_int8_speedup is None else cpu_int8_speedup
+        notes.append(f"int8 (within the accuracy gate for this backbone) measured {gain:.2f}x")
+        if gain >= INT8_MIN_SPEEDUP:
+            candidates["int8"] = gain
+    else:
+        notes.append("int8 is not gated for this backbone")
+    why = "; ".join(notes)
+    if not candidates:
+        return Precision("float32", torch.float32, f"auto: {why}; nothing qualifies "
+                         f"(bfloat16 needs >= {BF16_MIN_SPEEDUP}x, int8 >= {INT8_MIN_SPEEDUP}x)")
+    best = max(candidates, key=lambda mode: candidates[mode])
+    reason = f"auto: the fastest that qualifies: {why}"
+    return _int8(speedup, reason) if best == "int8" else Precision("bfloat16", torch.bfloat16, reason)

@@ -1,22 +1,22 @@
-"""The `int8` mode's recipe: smoothed int8 projections, the feed-forward output kept in float32.
+"""The `int8` mode's recipe: the attention and feed-forward inner projections smoothed and computed in int8 with
+per-token activation scales; the feed-forward output projection in bfloat16 or float32.
 
-PyTorch's dynamic quantisation (fbgemm/x86, VNNI dot products) gives each linear layer int8 weights with one
-scale per output channel, and quantises its input with ONE scale per batch. Transformer activations have a few
-channels far larger than the rest, so one scale loses the small channels: on the packaged MiniLM that cost up
-to 1.7 points on the shipped tasks (docs/accuracy.md). Two changes bring it within the accuracy gate:
-
-- Smoothing (SmoothQuant, Xiao et al. 2023, arXiv:2211.10438). For y = x W^T + b and any s > 0,
-  y = (x / s) (W diag(s))^T + b exactly; with s_j = max|x_j|^a / max|W_:j|^(1-a), the per-channel maxima
-  max|x_j| calibrated once at start-up on `calibration.txt` (train-split texts), the activation's outlier
-  channels shrink and the weight's columns take up the difference, where per-channel weight scales absorb it.
-  `a` per role: 0.5 for query/key/value and the attention output, 0.8 for the feed-forward inner projection
-  (whose input, a LayerNorm output, carries the strongest outliers).
-- The feed-forward output projection (input: the GELU output, heavy-tailed per token) stays float32: its
-  quantisation was three quarters of the remaining error.
+- Query, key, value, attention output and feed-forward inner projection of every layer become `Int8Linear`s
+  (`service.modeling.int8`): int8 weights with one scale per output channel, activations quantised per
+  token, over their full 8 bits where the CPU has VNNI.
+- Smoothing first (SmoothQuant, Xiao et al. 2023, arXiv:2211.10438): transformer activations have a few
+  channels far larger than the rest, which a per-token scale alone still loses. For y = x W^T + b and any
+  s > 0, y = (x / s) (W diag(s))^T + b exactly; with s_j = max|x_j|^a / max|W_:j|^(1-a), the per-channel
+  maxima max|x_j| calibrated once at start-up on `calibration.txt` (train-split texts), the activation's
+  outlier channels shrink and the weight's columns take up the difference, where per-channel weight scales
+  absorb it. `a` per role in `ALPHAS`, chosen on train data (docs/accuracy.md).
+- The feed-forward output projection reads the GELU output, heavy-tailed within each token: in int8 it
+  carried two thirds of the int8 model's error, in bfloat16 none measurable (docs/accuracy.md). It runs in
+  `ffn_out_dtype`: bfloat16 where the CPU computes it fast, else float32 (`service.modeling.precision`).
 
 The backbone stays frozen and its fingerprint is computed before this runs, so float32-trained bundles match.
-`SmoothedLinear` keeps `in_features` / `out_features`, and the routed wrappers (adapters, LoRA) wrap it as they
-wrap a plain linear: they see the unsmoothed input and output.
+The routed wrappers (adapters, LoRA) wrap these layers as they wrap a plain linear: they see the unsmoothed
+float32 input and output.
 """
 
 from __future__ import annotations
@@ -29,29 +29,14 @@ import torch
 from torch import nn
 
 from service.modeling.backbone import ArchSpec, get_layers, get_submodule, set_submodule
-from service.modeling.precision import quantize_int8
+from service.modeling.int8 import CastLinear, Int8Linear, full_range_activations
+from service.modeling.precision import cpu_flags
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-ALPHAS = {"query": 0.5, "key": 0.5, "value": 0.5, "attn_out": 0.5, "ffn_in": 0.8}
-"""Smoothing strength per projection role (the roles of `ArchSpec.lora_target`); ffn_out is not quantised."""
-
-
-class SmoothedLinear(nn.Module):
-    """`inner(x * inv_scale)`: a linear layer whose weight columns were multiplied by 1 / inv_scale."""
-
-    inv_scale: torch.Tensor
-
-    def __init__(self, inner: nn.Module, inv_scale: torch.Tensor, in_features: int, out_features: int):
-        super().__init__()
-        self.inner = inner
-        self.register_buffer("inv_scale", inv_scale)
-        self.in_features, self.out_features = in_features, out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.inner(x * self.inv_scale)
-        return y
+ALPHAS = {"query": 0.5, "key": 0.5, "value": 0.5, "attn_out": 0.5, "ffn_in": 0.6}
+"""Smoothing strength per int8 projection role (the roles of `ArchSpec.lora_target`)."""
 
 
 def calibration_texts() -> list[str]:
@@ -83,24 +68,32 @@ def input_maxima(model: nn.Module, tokenizer: PreTrainedTokenizerBase, linears: 
     return maxima
 
 
-def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: ArchSpec) -> int:
-    """Smooth and int8-quantise the query/key/value, attention output and feed-forward inner projections of
-    every layer of the frozen float32 `model`, in place; the feed-forward output stays float32. Returns how
-    many projections were quantised."""
+def smoothing_factors(input_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s [in] for one linear layer: max|x_j|^a / max|W_:j|^(1-a), both floored at 1e-5."""
+    s = input_max.clamp(min=1e-5) ** alpha / weight.detach().abs().amax(0).float().clamp(min=1e-5) ** (1 - alpha)
+    return s.clamp(min=1e-5)
 
+
+def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: ArchSpec, *,
+                      ffn_out_dtype: torch.dtype = torch.float32, full_range: bool | None = None,
+                      alphas: dict[str, float] | None = None) -> int:
+    """Apply the recipe to every layer of the frozen float32 `model`, in place: the `ALPHAS` (or `alphas`)
+    roles smoothed and replaced by `Int8Linear`s, the feed-forward output held in `ffn_out_dtype`.
+    `full_range`: 8-bit activations (None: where the CPU has VNNI). Returns how many projections are int8."""
+    full_range = full_range_activations(cpu_flags()) if full_range is None else full_range
+    alphas = ALPHAS if alphas is None else alphas
     linears: dict[str, tuple[nn.Linear, float]] = {}
     for i, layer in enumerate(get_layers(model, spec)):
-        for role, alpha in ALPHAS.items():
+        for role, alpha in alphas.items():
             module = get_submodule(layer, spec.lora_target(role))
             if type(module) is nn.Linear:
                 linears[f"{spec.layers}.{i}.{spec.lora_target(role)}"] = (module, alpha)
+        ffn_out = get_submodule(layer, spec.lora_target("ffn_out"))
+        if ffn_out_dtype != torch.float32 and type(ffn_out) is nn.Linear:
+            set_submodule(layer, spec.lora_target("ffn_out"), CastLinear(ffn_out, ffn_out_dtype))
     maxima = input_maxima(model, tokenizer, {p: m for p, (m, _) in linears.items()}, calibration_texts())
     for path, (linear, alpha) in linears.items():
-        w = linear.weight.data
-        s = (maxima[path].clamp(min=1e-5) ** alpha / w.abs().amax(0).float().clamp(min=1e-5) ** (1 - alpha))
-        s = s.clamp(min=1e-5)
-        linear.weight.data = (w.float() * s).to(w.dtype)
-        set_submodule(model, path, SmoothedLinear(linear, (1.0 / s).to(w.dtype), linear.in_features,
-                                                  linear.out_features))
-    quantize_int8(model, (f"{path}.inner" for path in linears))
+        s = smoothing_factors(maxima[path], linear.weight, alpha)
+        set_submodule(model, path, Int8Linear(linear.weight.detach().float() * s, linear.bias, 1.0 / s,
+                                              full_range=full_range))
     return len(linears)

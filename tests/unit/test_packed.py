@@ -86,8 +86,8 @@ def test_packing_places_tokens_and_pools_per_row():
 
 
 # Reduced precisions against float32 on the tiny BERT (random weights, so logits of order 1): the bounds
-# are what these formats can hold (bfloat16: 8 bits of mantissa through 2 layers; int8: per-tensor weight
-# scales and per-batch activation scales), checked on max |difference| of every logit.
+# are what these formats can hold (bfloat16: 8 bits of mantissa through 2 layers; int8: per-channel weight
+# scales and per-token activation scales), checked on max |difference| of every logit.
 PRECISION_ATOL = {"bfloat16": 0.1, "int8": 0.15}
 
 
@@ -117,18 +117,26 @@ def test_reduced_precisions_agree_with_float32_and_mixed_still_equals_alone(tiny
     assert worst > 0  # really computed in another precision
 
 
-def test_int8_quantises_the_smoothed_projections_and_keeps_the_feed_forward_output(tiny_model_dirs, store):
+@pytest.mark.parametrize("ffn_out_dtype", [torch.float32, torch.bfloat16])
+def test_int8_quantises_the_smoothed_projections_and_holds_the_feed_forward_output_apart(
+        tiny_model_dirs, store, monkeypatch, ffn_out_dtype):
+    from service.modeling import backbone as backbone_module
+    from service.modeling.int8 import CastLinear, Int8Linear
+    from service.modeling.precision import Precision
+
+    monkeypatch.setattr(backbone_module, "choose_precision", lambda *a, **k: Precision(
+        "int8", torch.float32, "test", ffn_out_dtype))
     backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="int8")
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-
-    from service.modeling.smoothing import SmoothedLinear
-
     for layer in backbone.model.encoder.layer:
         for proj in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
                      layer.attention.output.dense, layer.intermediate.dense):
-            assert isinstance(proj, SmoothedLinear) and isinstance(proj.inner, DynamicInt8Linear)
+            assert isinstance(proj, Int8Linear)
             assert proj.inv_scale.shape == (proj.in_features,) and (proj.inv_scale > 0).all()
-        assert type(layer.output.dense) is torch.nn.Linear  # the feed-forward output stays float32
+        ffn_out = layer.output.dense
+        if ffn_out_dtype is torch.float32:
+            assert type(ffn_out) is torch.nn.Linear and ffn_out.weight.dtype is torch.float32
+        else:
+            assert isinstance(ffn_out, CastLinear) and ffn_out.inner.weight.dtype is torch.bfloat16
     assert all(type(m) is torch.nn.Embedding for m in backbone.model.embeddings.children()
                if isinstance(m, torch.nn.Embedding))
     assert backbone.dtype is torch.float32

@@ -68,3 +68,26 @@ def test_the_bfloat16_flag_is_read_from_the_cpu_flags():
     assert native_bf16_cpu(frozenset({"avx2", "amx_bf16", "avx512_bf16"})) == "amx_bf16"
     assert native_bf16_cpu(frozenset({"avx512f", "avx512_bf16"})) == "avx512_bf16"
     assert native_bf16_cpu(frozenset({"avx2", "avx512_vnni"})) is None
+
+
+@pytest.mark.parametrize("bf16_flag, bf16_gain, int8_gain, mode, ffn_out", [
+    ("avx512_bf16", 2.2, 2.5, "int8", torch.bfloat16),  # both qualify: the faster; bfloat16 is fast for ffn_out
+    ("amx_bf16", 6.0, 2.5, "bfloat16", None),  # bfloat16 the faster
+    ("avx512_bf16", 0.53, 2.5, "int8", torch.float32),  # bfloat16 slow: int8, its ffn_out in float32
+    ("", None, 2.5, "int8", torch.float32),  # no bfloat16 at all
+    ("avx512_bf16", 1.1, 1.1, "float32", None),  # neither clears its bar
+])
+def test_auto_takes_the_fastest_mode_that_qualifies(bf16_flag, bf16_gain, int8_gain, mode, ffn_out):
+    p = choose_precision("auto", CPU, cpu_bf16=bf16_flag, cpu_bf16_speedup=bf16_gain, int8_gated=True,
+                         cpu_int8_speedup=int8_gain)
+    assert p.mode == mode
+    if ffn_out is not None:
+        assert p.int8_ffn_out_dtype is ffn_out
+
+
+@pytest.mark.parametrize("bf16_flag, bf16_gain, ffn_out", [
+    ("avx512_bf16", 2.2, torch.bfloat16), ("avx512_bf16", 0.53, torch.float32), ("", None, torch.float32)])
+def test_int8_asked_for_holds_its_feed_forward_output_in_bfloat16_only_where_that_is_fast(bf16_flag, bf16_gain,
+                                                                                           ffn_out):
+    p = choose_precision("int8", CPU, cpu_bf16=bf16_flag, cpu_bf16_speedup=bf16_gain)
+    assert (p.mode, p.dtype, p.int8_ffn_out_dtype) == ("int8", torch.float32, ffn_out)

@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import torch
-import torch.ao.quantization as tq
+import torch.nn.functional as F
 
 from service.modeling.backbone import load_backbone
-from service.modeling.smoothing import ALPHAS, SmoothedLinear, calibration_texts, quantize_smoothed
+from service.modeling.int8 import Int8Linear
+from service.modeling.smoothing import ALPHAS, calibration_texts, quantize_smoothed, smoothing_factors
 
 
-def test_smoothing_alone_changes_no_output_and_moves_the_outliers_into_the_weights(tiny_model_dirs, monkeypatch):
-    path = str(tiny_model_dirs["bert"])
-    ref = load_backbone(path, device="cpu", dtype="float32")
-    smoothed = load_backbone(path, device="cpu", dtype="float32")
-    monkeypatch.setattr(tq, "quantize_dynamic", lambda model, *a, **k: model)  # smoothing only
-    count = quantize_smoothed(smoothed.model, smoothed.tokenizer, smoothed.spec)
-    assert count == len(ALPHAS) * len(smoothed.model.encoder.layer)
-    layer = smoothed.model.encoder.layer[0]
-    assert isinstance(layer.intermediate.dense, SmoothedLinear)
-    assert not torch.allclose(layer.intermediate.dense.inv_scale, torch.ones(1))  # really rescaled
-    enc = ref.tokenizer(["John Smith flew from Paris to Berlin.", "great film"], padding=True, return_tensors="pt")
-    with torch.inference_mode():
-        want = ref.model(**enc).last_hidden_state
-        got = smoothed.model(**enc).last_hidden_state
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+def test_smoothing_changes_no_output_and_moves_the_outliers_into_the_weights():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    x[:, 3] *= 50.0  # an outlier channel, as LayerNorm outputs have
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    s = smoothing_factors(x.abs().amax(0), w, 0.5)
+    torch.testing.assert_close(F.linear(x / s, w * s, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    spread = lambda t: (t.abs().amax(0).max() / t.abs().amax(0).min()).item()  # noqa: E731
+    assert spread(x / s) < spread(x) / 5  # the activation's channels are far more even
+    assert spread((w * s).t()) > spread(w.t())  # the weight's columns took up the difference
+
+
+def test_the_recipe_replaces_every_int8_role_of_every_layer_with_its_calibrated_smoothing(tiny_model_dirs):
+    backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32")
+    count = quantize_smoothed(backbone.model, backbone.tokenizer, backbone.spec)
+    layers = backbone.model.encoder.layer
+    assert count == len(ALPHAS) * len(layers)
+    for layer in layers:
+        proj = layer.intermediate.dense
+        assert isinstance(proj, Int8Linear)
+        assert not torch.allclose(proj.inv_scale, torch.ones(1))  # really rescaled, from the calibration
 
 
 def test_the_calibration_texts_ship_with_the_package():

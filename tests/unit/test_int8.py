@@ -1,0 +1,93 @@
+"""The int8 kernel: per-token activation scales, full 8-bit range where VNNI allows it, bfloat16 cast layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.modeling.int8 import CastLinear, Int8Linear, full_range_activations
+from service.modeling.precision import cpu_flags
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+def _layer_and_input(seed: int = 0) -> tuple[torch.nn.Linear, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(96, 64)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(64, 96, generator=g) / 10)
+        linear.bias.copy_(torch.randn(64, generator=g))
+    x = torch.randn(40, 96, generator=g)
+    x[0] *= 1000.0  # one token far larger than the rest, as [CLS] / [SEP] can be
+    return linear, x
+
+
+@pytest.mark.parametrize("flags, full", [
+    ({"avx2", "avx512f", "avx512_vnni"}, True), ({"avx2", "avx_vnni"}, True), ({"amx_int8", "avx512f"}, True),
+    ({"avx2", "fma"}, False), ({"avx512f", "avx512bw"}, False), (set(), False),
+])
+def test_full_range_activations_need_vnni(flags, full):
+    assert full_range_activations(frozenset(flags)) is full
+
+
+def test_per_token_scales_keep_small_tokens_precise_beside_a_huge_one():
+    linear, x = _layer_and_input()
+    q = Int8Linear(linear.weight, linear.bias, None, full_range=False)
+    with torch.inference_mode():
+        want, got = linear(x), q(x)
+    # every token, the small ones too, within the error of its own 7-bit grid
+    for i in range(x.shape[0]):
+        assert _relative_error(got[i], want[i]) < 0.03, i
+    # one scale for the whole batch (what per-token scaling replaces) loses the small tokens entirely
+    per_batch = torch.ops.quantized.linear_dynamic(x, q._packed, reduce_range=True) + linear.bias
+    assert _relative_error(per_batch[1:], want[1:]) > 10 * _relative_error(got[1:], want[1:])
+
+
+def test_a_row_gets_the_same_result_alone_and_in_a_batch():
+    linear, x = _layer_and_input(1)
+    q = Int8Linear(linear.weight, linear.bias, torch.rand(96) + 0.5, full_range=False)
+    with torch.inference_mode():
+        batch = q(x)
+        for i in (0, 1, 17):
+            # within the row's own rounding error (the kernel's one zero point can shift with the batch)
+            assert _relative_error(q(x[i : i + 1]), batch[i : i + 1]) < 0.03, i
+
+
+def test_smoothing_inside_the_layer_is_undone_and_lowers_the_error_of_an_outlier_channel():
+    """A weight built as W diag(s) with inv_scale 1 / s computes x W^T; with s from the calibrated maxima
+    (an input channel 40x the others, as LayerNorm outputs have) int8 gets closer to float32 than unsmoothed."""
+    from service.modeling.smoothing import smoothing_factors
+
+    linear, x = _layer_and_input(2)
+    x = x[1:].clone()
+    x[:, 5] *= 40.0
+    s = smoothing_factors(x.abs().amax(0), linear.weight, 0.5)
+    plain = Int8Linear(linear.weight, linear.bias, None, full_range=False)
+    smoothed = Int8Linear(linear.weight * s, linear.bias, 1.0 / s, full_range=False)
+    with torch.inference_mode():
+        want = linear(x)
+        assert _relative_error(smoothed(x), want) < 0.7 * _relative_error(plain(x), want)
+    assert (smoothed.in_features, smoothed.out_features) == (96, 64)
+
+
+@pytest.mark.skipif(not full_range_activations(cpu_flags()),
+                    reason="8-bit activations are only exact on CPUs with VNNI (this one has none)")
+def test_full_range_activations_halve_the_error_on_a_vnni_cpu():
+    linear, x = _layer_and_input(3)
+    with torch.inference_mode():
+        want = linear(x)
+        errors = [_relative_error(Int8Linear(linear.weight, linear.bias, None, full_range=full)(x), want)
+                  for full in (False, True)]
+    assert errors[1] < 0.7 * errors[0], errors
+
+
+def test_cast_linear_computes_in_bfloat16_and_answers_in_the_input_dtype():
+    linear, x = _layer_and_input(4)
+    cast = CastLinear(linear, torch.bfloat16)
+    with torch.inference_mode():
+        got, want = cast(x[1:]), linear(x[1:])
+    assert got.dtype is torch.float32 and cast.inner.weight.dtype is torch.bfloat16
+    assert (cast.in_features, cast.out_features) == (96, 64)
+    assert 0 < _relative_error(got, want) < 0.02
