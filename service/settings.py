@@ -30,14 +30,15 @@ class ServiceSettings(BaseSettings):
     )
     device: str = Field("auto", description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = Field(
-        "auto", description="Compute precision of the backbone. `auto`: on CUDA bfloat16 from compute "
-        "capability 8.0, else float16; on CPU the fastest of float32 and the modes that qualify, by a ~60 ms start-up probe: bfloat16 where the"
-        " CPU has bfloat16 instructions (avx512_bf16 / amx_bf16) and it measures at least 1.2x float32's speed; "
-        "int8 for a backbone whose int8 accuracy is recorded within the gate (the packaged MiniLM), on a CPU with"
-        " VNNI, where it measures at least 1.2x. `int8`: the attention and feed-forward inner projections "
-        "smoothed int8 with per-token activation scales, the feed-forward output in bfloat16 where that is fast, "
-        "else float32 (CPU only; docs/accuracy.md). The choice and its reason (with the measured ratios) are "
-        "logged and shown by `/readyz`."
+        "auto", description="Compute precision of the backbone. `auto`: on CUDA bfloat16 from compute capability 8.0, else "
+        "float16; on CPU the fastest of float32 and the modes that qualify, by a start-up probe (one encoder "
+        "layer timed in each mode, ~0.6 s): bfloat16 where the CPU has bfloat16 instructions (avx512_bf16 / "
+        "amx_bf16) and it measures at least 1.2x float32's speed; int8 for a backbone whose int8 accuracy is "
+        "recorded within the gate (the packaged MiniLM), on a CPU with VNNI, where it measures at least 1.2x."
+        " `int8`: the attention and feed-forward inner projections smoothed int8 with per-token activation "
+        "scales, the feed-forward output in bfloat16 where that is fast, else float32 (CPU only; "
+        "docs/accuracy.md). The choice and its reason (with the measured ratios) are logged and shown by "
+        "`/readyz`."
     )
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="Padding-free forwards: each batch's real tokens packed into one [tokens, d] tensor "

@@ -10,7 +10,7 @@ Modes (`ADAPTER_SERVICE_DTYPE`):
 - `auto`: the fastest mode whose accuracy stays within the gate of docs/accuracy.md (0.5 points of
   float32 on every shipped task): CUDA: bfloat16 where the GPU computes it natively (compute capability
   >= 8.0), else float16. CPU: of float32 and the candidates below, the one a short measured probe at
-  start-up finds fastest (one linear layer of the backbone's kind, each candidate against float32):
+  start-up finds fastest (one encoder layer, `_ProbeLayer`, timed in each candidate against float32):
   bfloat16 where the CPU has bfloat16 instructions (AMX-BF16 or AVX512-BF16) and the probe measures it at
   least `BF16_MIN_SPEEDUP` times as fast as float32 (the flags alone do not decide: on a VM whose CPU reports
   `avx512_bf16` without AMX, PyTorch's bfloat16 matmuls ran at half the float32 speed, docs/benchmarks.md,
@@ -76,48 +76,81 @@ BF16_MIN_SPEEDUP = 1.2
 
 
 def _speed_ratio(baseline: Callable[[], object], candidate: Callable[[], object], reps: int) -> float:
-    """baseline time / candidate time: the median of `reps` timed calls each, after two warm-up calls."""
+    """baseline time / candidate time: after two warm-up calls each, `reps` rounds that time one call of each,
+    in alternating order; the median of the rounds' ratios (drift and a noisy neighbour hit both alike)."""
     import time
 
-    times = []
-    for run in (baseline, candidate):
-        for _ in range(2):
-            run()
-        samples = []
-        for _ in range(reps):
+    for run in (baseline, candidate, baseline, candidate):
+        run()
+    ratios = []
+    for i in range(reps):
+        spent = {}
+        for name, run in (("b", baseline), ("c", candidate))[:: 1 if i % 2 else -1]:
             t0 = time.perf_counter()
             run()
-            samples.append(time.perf_counter() - t0)
-        times.append(sorted(samples)[reps // 2])
-    return times[0] / max(times[1], 1e-9)
+            spent[name] = time.perf_counter() - t0
+        ratios.append(spent["b"] / max(spent["c"], 1e-9))
+    return sorted(ratios)[reps // 2]
 
 
-def bf16_speedup(tokens: int = 256, hidden: int = 384, reps: int = 6) -> float:
-    """float32 time / bfloat16 time of one linear layer `[tokens, hidden] -> [tokens, 4 hidden]` (a
-    transformer's feed-forward inner projection) on this CPU, with the threads torch has now: the median of
-    `reps` timed calls each, after two warm-up calls (about 30 ms on a 2-core VM)."""
-    x = torch.randn(tokens, hidden)
-    w = torch.randn(4 * hidden, hidden)
-    x16, w16 = x.to(torch.bfloat16), w.to(torch.bfloat16)
-    return _speed_ratio(lambda: torch.nn.functional.linear(x, w), lambda: torch.nn.functional.linear(x16, w16), reps)
+class _ProbeLayer:
+    """The probes' workload: one BERT-style encoder layer (Q/K/V, attention, output projection, residual +
+    LayerNorm, feed-forward, residual + LayerNorm) on `rows x tokens` packed tokens, its projections in the compute
+    mode being measured: everything that differs between the modes, not just one matmul (a single-matmul
+    probe had int8 and bfloat16 within 10% of each other on a CPU where the whole model ran 17% faster in int8)."""
+
+    def __init__(self, hidden: int, mode: str, ffn_out_dtype: torch.dtype = torch.float32,
+                 rows: int = 16, tokens: int = 32, heads: int = 12):
+        from service.modeling.int8 import CastLinear, Int8Linear, full_range_activations
+
+        g = torch.Generator().manual_seed(0)
+        self.dtype = torch.bfloat16 if mode == "bfloat16" else torch.float32
+        self.heads = heads
+        self.rows, self.x = rows, torch.randn(rows * tokens, hidden, generator=g).to(self.dtype)  # packed
+        shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
+        self.proj: list[torch.nn.Module] = []
+        for i, (n_out, n_in) in enumerate(shapes):
+            linear = torch.nn.Linear(n_in, n_out).eval().requires_grad_(False)
+            if mode == "int8" and i < 5:
+                self.proj.append(Int8Linear(linear.weight, linear.bias, torch.rand(n_in, generator=g) + 0.5,
+                                            full_range=full_range_activations(cpu_flags())))
+            elif mode == "int8" and ffn_out_dtype != torch.float32:
+                self.proj.append(CastLinear(linear, ffn_out_dtype))
+            else:
+                self.proj.append(linear.to(self.dtype))
+        self.norms = [torch.nn.LayerNorm(hidden, dtype=self.dtype).eval() for _ in range(2)]
+
+    def __call__(self) -> torch.Tensor:
+        F = torch.nn.functional
+        x, (q, k, v, o, inner, outer) = self.x, self.proj
+        N, d = x.shape
+        B, T, H = self.rows, N // self.rows, self.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # [N, d] -> [B, H, T, d / H]
+            return t.view(B, T, H, d // H).transpose(1, 2)
+
+        with torch.inference_mode():
+            ctx = F.scaled_dot_product_attention(split(q(x)), split(k(x)), split(v(x)))
+            h = self.norms[0](o(ctx.transpose(1, 2).reshape(N, d)) + x)
+            out: torch.Tensor = self.norms[1](outer(F.gelu(inner(h))) + h)
+            return out
+
+
+def bf16_speedup(hidden: int = 384, reps: int = 7) -> float:
+    """float32 time / bfloat16 time of one encoder layer (`_ProbeLayer`) on this CPU, with the threads torch
+    has now (`_speed_ratio`; about 0.3 s on a 2-core VM)."""
+    return _speed_ratio(_ProbeLayer(hidden, "float32"), _ProbeLayer(hidden, "bfloat16"), reps)
 
 
 INT8_MIN_SPEEDUP = 1.2
-"""`auto` takes int8 (where bfloat16 is not fast) only when its probe is at least this much faster."""
+"""`auto` takes int8 only when its probe measures it at least this much faster than float32."""
 
 
-def int8_speedup(tokens: int = 256, hidden: int = 384, reps: int = 6) -> float:
-    """float32 time / int8 time of the same linear layer as `bf16_speedup`, the int8 one as the `int8` mode
-    runs it (`Int8Linear`, with its smoothing multiply and per-token scales): the median of `reps` timed calls
-    each."""
-    from service.modeling.int8 import Int8Linear, full_range_activations
-
-    x = torch.randn(tokens, hidden)
-    linear = torch.nn.Linear(hidden, 4 * hidden).eval()
-    quantized = Int8Linear(linear.weight, linear.bias, torch.rand(hidden) + 0.5,
-                           full_range=full_range_activations(cpu_flags()))
-    with torch.inference_mode():
-        return _speed_ratio(lambda: linear(x), lambda: quantized(x), reps)
+def int8_speedup(hidden: int = 384, reps: int = 7, ffn_out_dtype: torch.dtype = torch.float32) -> float:
+    """float32 time / int8 time of the same layer as `bf16_speedup`, the int8 one as the `int8` mode runs it:
+    five projections `Int8Linear`s (smoothing multiply, per-token scales), the feed-forward output in
+    `ffn_out_dtype`, the rest float32 (`_speed_ratio`)."""
+    return _speed_ratio(_ProbeLayer(hidden, "float32"), _ProbeLayer(hidden, "int8", ffn_out_dtype), reps)
 
 
 def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | None = None,
@@ -175,7 +208,9 @@ def _auto_cpu(cpu_bf16: str | None, cpu_bf16_speedup: float | None, int8_gated: 
     else:
         notes.append("the CPU has no bfloat16 instructions (no avx512_bf16/amx_bf16)")
     if int8_gated:
-        gain = int8_speedup() if cpu_int8_speedup is None else cpu_int8_speedup
+        bf16_fast = speedup is not None and speedup >= BF16_MIN_SPEEDUP
+        gain = (int8_speedup(ffn_out_dtype=torch.bfloat16 if bf16_fast else torch.float32)
+                if cpu_int8_speedup is None else cpu_int8_speedup)
         notes.append(f"int8 (within the accuracy gate for this backbone) measured {gain:.2f}x")
         if gain >= INT8_MIN_SPEEDUP:
             candidates["int8"] = gain
