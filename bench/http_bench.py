@@ -160,6 +160,9 @@ def main() -> None:
         proc = start(ours_cmd, ours_env, work / "ours.log")
         try:
             wait_http(f"http://127.0.0.1:{args.port}/readyz", proc, work / "ours.log")
+            ready = httpx.get(f"http://127.0.0.1:{args.port}/readyz", timeout=5).json()
+            compute = {k: ready.get(k) for k in ("device", "precision", "precision_reason", "forward")}
+            print(f"   compute: {compute}", flush=True)
             ours = measure(f"http://127.0.0.1:{args.port}", names, levels, args.per_worker, seed=r, server_pid=proc.pid)
         finally:
             stop(proc)
@@ -175,7 +178,7 @@ def main() -> None:
                                server_pid=proc.pid)
             finally:
                 stop(proc)
-        rounds.append({"inproc_seq_per_s": round(inproc, 1), "ours": ours, "peer": peer})
+        rounds.append({"inproc_seq_per_s": round(inproc, 1), "compute": compute, "ours": ours, "peer": peer})
 
     top = max(levels)
     report = {
