@@ -236,6 +236,8 @@ def main() -> None:
         "distinct_tasks_per_batch": round(sum(len({tasks[i] for i in b}) for b in batches) / len(batches), 1),
         "padding_share": round(1 - real / padded, 3),
         "auto": {"precision": auto.mode, "reason": auto.reason, "forward": auto_key.split("_")[1]},
+        # each engine's own choice (an `int8` engine probes bfloat16 for its feed-forward output itself)
+        "engines": {k: e.compute_info()["precision_reason"] for k, e in engines.items()},
         "seq_per_s": {k: round(v, 1) for k, v in seq_s.items()},
         f"ratio_vs_{BASELINE}": ratios,
         "auto_mixed_vs_baseline": ratios[f"{auto_key}_mixed"],

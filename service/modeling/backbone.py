@@ -190,7 +190,7 @@ def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
 INT8_GATED_BACKBONES: frozenset[str] = frozenset({DEFAULT_BACKBONE})
 """Backbones whose int8 accuracy (`service.modeling.smoothing`, with full-range activations) is recorded within
 the gate on the shipped tasks (docs/accuracy.md): the only ones `auto` may run in int8, and only on CPUs with
-VNNI (without it activations get 7 bits, twice the rounding step of the recipe the gate measured)."""
+AVX512-VNNI (without it activations get 7 bits, twice the rounding step of the recipe the gate measured)."""
 
 
 def int8_gated(name: str) -> bool:

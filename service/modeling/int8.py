@@ -15,9 +15,13 @@ matmul is exact, since the matmul is linear in each row. A token with huge activ
 longer coarsens every other token's grid, and a row's result hardly depends on the rows batched with it.
 
 `full_range`: fbgemm quantises activations to 7 bits by default (`reduce_range`), so that a pair of
-uint8 x int8 products summed into int16 (AVX2's `vpmaddubsw`) cannot saturate. CPUs with VNNI
-(`avx512_vnni`, `avx_vnni`, `amx_int8`) multiply straight into int32 and take the full 8 bits: half the
-rounding step, which halves the error of the int8 model (docs/accuracy.md).
+uint8 x int8 products summed into int16 (AVX2's `vpmaddubsw`, also fbgemm's path on CPUs with AVX-VNNI but
+no AVX-512) cannot saturate. Its AVX512-VNNI kernels multiply straight into int32 and take the full 8 bits:
+half the rounding step, 2.8x less error in the int8 model (docs/accuracy.md).
+
+The weights live in fbgemm's packed form (`_packed`), not in `state_dict()`: an `Int8Linear` is built once
+from float weights at load time and never saved, trained or cast (`.to(dtype)` would cast only its float32
+`inv_scale` and `bias`).
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import warnings
 import torch
 from torch import nn
 
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-"""CPU flags whose int8 dot products accumulate in int32 without an int16 step (no saturation)."""
+VNNI_FLAGS = ("avx512_vnni",)
+"""CPU flags under which fbgemm's int8 dot products accumulate in int32 without an int16 step (no saturation).
+fbgemm has no AVX-VNNI (256-bit) kernels: such CPUs run its AVX2 path. Every CPU with AMX-INT8 has
+AVX512-VNNI too."""
 
 
 def full_range_activations(flags: frozenset[str]) -> bool:
-    """True where fbgemm's activations may use all 8 bits without saturating: the CPU has VNNI."""
+    """True where fbgemm's activations may use all 8 bits without saturating: the CPU has AVX512-VNNI."""
     return any(flag in flags for flag in VNNI_FLAGS)
 
 

@@ -2,11 +2,12 @@
 
 Modes (`ADAPTER_SERVICE_DTYPE`):
 - `float32`, `float16` (CUDA only), `bfloat16`: the backbone's weights and activations in that format.
-- `int8`: every projection of the frozen backbone's layers (query, key, value, attention output, feed-forward
-  inner and output) holds int8 weights (one scale per output channel) and quantises its smoothed input per
-  token at each call (`service.modeling.int8`: PyTorch's fbgemm kernels, VNNI dot products; the recipe:
-  `service.modeling.smoothing`); everything else (embeddings, attention, LayerNorm, adapters, heads)
-  float32. CPU only.
+- `int8`: the frozen backbone's query, key, value, attention output and feed-forward inner projections hold
+  int8 weights (one scale per output channel) and quantise their smoothed input per token at each call
+  (`service.modeling.int8`: PyTorch's fbgemm kernels, VNNI dot products; the recipe:
+  `service.modeling.smoothing`); the feed-forward output projection computes in `int8_ffn_out_dtype`
+  (bfloat16 where the CPU computes it fast, else float32); everything else (embeddings, attention,
+  LayerNorm, adapters, heads) float32. CPU only.
 - `auto`: the fastest mode whose accuracy stays within the gate of docs/accuracy.md (0.5 points of
   float32 on every shipped task): CUDA: bfloat16 where the GPU computes it natively (compute capability
   >= 8.0), else float16. CPU: of float32 and the candidates below, the one a short measured probe at
@@ -14,8 +15,8 @@ Modes (`ADAPTER_SERVICE_DTYPE`):
   bfloat16 where the CPU has bfloat16 instructions (AMX-BF16 or AVX512-BF16) and the probe measures it at
   least `BF16_MIN_SPEEDUP` times as fast as float32 (the flags alone do not decide: on a VM whose CPU reports
   `avx512_bf16` without AMX, PyTorch's bfloat16 matmuls ran at half the float32 speed, docs/benchmarks.md,
-  session 5); int8 where the backbone's int8 accuracy is recorded within the gate (`int8_gated`,
-  `backbone.INT8_GATED_BACKBONES`) and its probe measures at least `INT8_MIN_SPEEDUP`.
+  session 5); int8 where the backbone's int8 accuracy is recorded within the gate on a CPU with AVX512-VNNI
+  (`int8_gated`, `backbone.int8_gated`) and its probe measures at least `INT8_MIN_SPEEDUP`.
 
 Adapter and head weights stay float32 in bundles; the cache casts them to the compute dtype when it loads
 them (float32 under `int8`).

@@ -3,7 +3,7 @@ per-token activation scales; the feed-forward output projection in bfloat16 or f
 
 - Query, key, value, attention output and feed-forward inner projection of every layer become `Int8Linear`s
   (`service.modeling.int8`): int8 weights with one scale per output channel, activations quantised per
-  token, over their full 8 bits where the CPU has VNNI.
+  token, over their full 8 bits where the CPU has AVX512-VNNI.
 - Smoothing first (SmoothQuant, Xiao et al. 2023, arXiv:2211.10438): transformer activations have a few
   channels far larger than the rest, which a per-token scale alone still loses. For y = x W^T + b and any
   s > 0, y = (x / s) (W diag(s))^T + b exactly; with s_j = max|x_j|^a / max|W_:j|^(1-a), the per-channel
@@ -82,6 +82,8 @@ def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec
     `full_range`: 8-bit activations (None: where the CPU has VNNI). Returns how many projections are int8."""
     full_range = full_range_activations(cpu_flags()) if full_range is None else full_range
     alphas = ALPHAS if alphas is None else alphas
+    if "ffn_out" in alphas:
+        raise ValueError("the feed-forward output is not int8 in this recipe (it runs in ffn_out_dtype)")
     linears: dict[str, tuple[nn.Linear, float]] = {}
     for i, layer in enumerate(get_layers(model, spec)):
         for role, alpha in alphas.items():
