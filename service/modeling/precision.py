@@ -24,6 +24,7 @@ them (float32 under `int8`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +53,9 @@ class Precision:
         return self.mode == "int8"
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere), read once a process."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -105,6 +107,7 @@ class _ProbeLayer:
         from service.modeling.int8 import CastLinear, Int8Linear, full_range_activations
 
         g = torch.Generator().manual_seed(0)
+        full_range = full_range_activations(cpu_flags())
         self.dtype = torch.bfloat16 if mode == "bfloat16" else torch.float32
         self.heads = heads
         self.rows, self.x = rows, torch.randn(rows * tokens, hidden, generator=g).to(self.dtype)  # packed
@@ -114,7 +117,7 @@ class _ProbeLayer:
             linear = torch.nn.Linear(n_in, n_out).eval().requires_grad_(False)
             if mode == "int8" and i < 5:
                 self.proj.append(Int8Linear(linear.weight, linear.bias, torch.rand(n_in, generator=g) + 0.5,
-                                            full_range=full_range_activations(cpu_flags())))
+                                            full_range=full_range))
             elif mode == "int8" and ffn_out_dtype != torch.float32:
                 self.proj.append(CastLinear(linear, ffn_out_dtype))
             else:
@@ -177,7 +180,7 @@ def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | No
     if requested == "int8":
         _, speedup = _bf16_probe(cpu_bf16, cpu_bf16_speedup)
         return _int8(speedup, "set by ADAPTER_SERVICE_DTYPE")
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     return Precision(requested, dtype[requested], "set by ADAPTER_SERVICE_DTYPE")
 
 
@@ -189,11 +192,16 @@ def _bf16_probe(cpu_bf16: str | None, cpu_bf16_speedup: float | None) -> tuple[s
     return flag, bf16_speedup() if cpu_bf16_speedup is None else cpu_bf16_speedup
 
 
+def _ffn_out_dtype(bf16_gain: float | None) -> torch.dtype:
+    """The int8 mode's feed-forward output dtype: bfloat16 where bfloat16 measured fast, else float32."""
+    return torch.bfloat16 if bf16_gain is not None and bf16_gain >= BF16_MIN_SPEEDUP else torch.float32
+
+
 def _int8(bf16_gain: float | None, reason: str) -> Precision:
-    """The int8 mode, its feed-forward output in bfloat16 where bfloat16 measured fast, else float32."""
-    if bf16_gain is not None and bf16_gain >= BF16_MIN_SPEEDUP:
-        return Precision("int8", torch.float32, f"{reason}; feed-forward output in bfloat16", torch.bfloat16)
-    return Precision("int8", torch.float32, f"{reason}; feed-forward output in float32")
+    """The int8 mode, its feed-forward output in `_ffn_out_dtype`."""
+    ffn_out = _ffn_out_dtype(bf16_gain)
+    name = "bfloat16" if ffn_out == torch.bfloat16 else "float32"
+    return Precision("int8", torch.float32, f"{reason}; feed-forward output in {name}", ffn_out)
 
 
 def _auto_cpu(cpu_bf16: str | None, cpu_bf16_speedup: float | None, int8_gated: bool,
@@ -209,9 +217,7 @@ def _auto_cpu(cpu_bf16: str | None, cpu_bf16_speedup: float | None, int8_gated: 
     else:
         notes.append("the CPU has no bfloat16 instructions (no avx512_bf16/amx_bf16)")
     if int8_gated:
-        bf16_fast = speedup is not None and speedup >= BF16_MIN_SPEEDUP
-        gain = (int8_speedup(ffn_out_dtype=torch.bfloat16 if bf16_fast else torch.float32)
-                if cpu_int8_speedup is None else cpu_int8_speedup)
+        gain = int8_speedup(ffn_out_dtype=_ffn_out_dtype(speedup)) if cpu_int8_speedup is None else cpu_int8_speedup
         notes.append(f"int8 (within the accuracy gate for this backbone) measured {gain:.2f}x")
         if gain >= INT8_MIN_SPEEDUP:
             candidates["int8"] = gain

@@ -75,18 +75,14 @@ def smoothing_factors(input_max: torch.Tensor, weight: torch.Tensor, alpha: floa
 
 
 def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: ArchSpec, *,
-                      ffn_out_dtype: torch.dtype = torch.float32, full_range: bool | None = None,
-                      alphas: dict[str, float] | None = None) -> int:
-    """Apply the recipe to every layer of the frozen float32 `model`, in place: the `ALPHAS` (or `alphas`)
-    roles smoothed and replaced by `Int8Linear`s, the feed-forward output held in `ffn_out_dtype`.
-    `full_range`: 8-bit activations (None: where the CPU has VNNI). Returns how many projections are int8."""
-    full_range = full_range_activations(cpu_flags()) if full_range is None else full_range
-    alphas = ALPHAS if alphas is None else alphas
-    if "ffn_out" in alphas:
-        raise ValueError("the feed-forward output is not int8 in this recipe (it runs in ffn_out_dtype)")
+                      ffn_out_dtype: torch.dtype = torch.float32) -> int:
+    """Apply the recipe to every layer of the frozen float32 `model`, in place: the `ALPHAS` roles smoothed and
+    replaced by `Int8Linear`s (8-bit activations where the CPU has AVX512-VNNI), the feed-forward output held
+    in `ffn_out_dtype`. Returns how many projections are int8."""
+    full_range = full_range_activations(cpu_flags())
     linears: dict[str, tuple[nn.Linear, float]] = {}
     for i, layer in enumerate(get_layers(model, spec)):
-        for role, alpha in alphas.items():
+        for role, alpha in ALPHAS.items():
             module = get_submodule(layer, spec.lora_target(role))
             if type(module) is nn.Linear:
                 linears[f"{spec.layers}.{i}.{spec.lora_target(role)}"] = (module, alpha)
