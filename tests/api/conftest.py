@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -56,15 +58,23 @@ async def client(tiny_backbone, seeded_store, settings) -> AsyncIterator[httpx.A
             yield c
 
 
-@pytest.fixture
-def server(tmp_path, tiny_model_dirs, tiny_backbone, seeded_store):
-    """A real `adapter-service serve` process on the tiny BERT and the seeded store (the ADMIN token)."""
+@contextlib.contextmanager
+def tiny_server(model_dir: Path, store_root: Path, log: Path, **settings: str) -> Iterator[ServerProcess]:
+    """A ready `adapter-service serve` process on the tiny BERT at `model_dir` and the store at `store_root`
+    (the ADMIN token, CPU; `settings`: more ADAPTER_SERVICE_* variables), stopped when the block ends."""
     proc = ServerProcess(
-        {"ADAPTER_SERVICE_BACKBONE": str(tiny_model_dirs["bert"]), "ADAPTER_SERVICE_STORE_DIR": str(seeded_store.root),
-         "ADAPTER_SERVICE_ADMIN_TOKEN": ADMIN, "ADAPTER_SERVICE_DEVICE": "cpu"},
-        tmp_path / "server.log",
+        {"ADAPTER_SERVICE_BACKBONE": str(model_dir), "ADAPTER_SERVICE_STORE_DIR": str(store_root),
+         "ADAPTER_SERVICE_ADMIN_TOKEN": ADMIN, "ADAPTER_SERVICE_DEVICE": "cpu", **settings},
+        log,
     ).start()
     try:
         yield proc.wait_ready()
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def server(tmp_path, tiny_model_dirs, tiny_backbone, seeded_store):
+    """A real `adapter-service serve` process on the tiny BERT and the seeded store (the ADMIN token)."""
+    with tiny_server(tiny_model_dirs["bert"], seeded_store.root, tmp_path / "server.log") as proc:
+        yield proc

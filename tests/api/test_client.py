@@ -47,9 +47,9 @@ from service.client import (
 from service.client.batches import LineError, batches
 from service.client.retry import parse_retry_after
 from service.modeling.backbone import load_backbone
-from tests.api.conftest import ADMIN, TASKS
+from tests.api.conftest import ADMIN, TASKS, tiny_server
 from tests.conftest import LABELS, make_bundle, make_manifest
-from tests.procs import VENV_BIN, ServerProcess, free_port
+from tests.procs import VENV_BIN, free_port
 
 MAX_CHARS = 2000
 CONTEXT = "The Eiffel Tower is a wrought-iron lattice tower in Paris, France, built between 1887 and 1889."
@@ -75,16 +75,9 @@ def server(tiny_model_dirs, backbone_ref, tmp_path_factory):
     store = LocalAdapterStore(root / "store")
     for i, (task, head) in enumerate(TASKS.items()):
         store.put(task, make_bundle(make_manifest(backbone_ref, task=task, head_type=head), seed=i))
-    proc = ServerProcess(
-        {"ADAPTER_SERVICE_BACKBONE": str(tiny_model_dirs["bert"]), "ADAPTER_SERVICE_STORE_DIR": str(store.root),
-         "ADAPTER_SERVICE_ADMIN_TOKEN": ADMIN, "ADAPTER_SERVICE_DEVICE": "cpu", "ADAPTER_SERVICE_MAX_WAIT_MS": "2",
-         "ADAPTER_SERVICE_MAX_TEXT_CHARS": str(MAX_CHARS)},
-        root / "server.log",
-    ).start()
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with tiny_server(tiny_model_dirs["bert"], store.root, root / "server.log", ADAPTER_SERVICE_MAX_WAIT_MS="2",
+                     ADAPTER_SERVICE_MAX_TEXT_CHARS=str(MAX_CHARS)) as proc:
+        yield proc
 
 
 class FlakyProxy(ThreadingHTTPServer):

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from service.bundles.manifest import AdapterConfig, HeadType
-from tests.api.conftest import ADMIN
+from tests.api.conftest import ADMIN, tiny_server
 from tests.conftest import make_bundle, make_manifest
-from tests.procs import VENV_BIN, ServerProcess
+from tests.procs import VENV_BIN
 
 pytestmark = pytest.mark.integration
 
@@ -37,16 +37,9 @@ def live_server(tmp_path, tiny_model_dirs, tiny_backbone, seeded_store):
                                       ("fuzzed-tags", HeadType.TOKEN_CLASSIFICATION)]):
         manifest = make_manifest(tiny_backbone.ref, task=task, head_type=head, adapter=AdapterConfig(bottleneck=8))
         (bundles / f"{task}.safetensors").write_bytes(make_bundle(manifest, seed=100 + i))
-    proc = ServerProcess(
-        {"ADAPTER_SERVICE_BACKBONE": str(tiny_model_dirs["bert"]), "ADAPTER_SERVICE_STORE_DIR": str(seeded_store.root),
-         "ADAPTER_SERVICE_ADMIN_TOKEN": ADMIN, "ADAPTER_SERVICE_DEVICE": "cpu",
-         "ADAPTER_SERVICE_MAX_ITEMS_PER_REQUEST": "8", "ADAPTER_SERVICE_MAX_TEXT_CHARS": "200"},
-        tmp_path / "server.log",
-    ).start()
-    try:
-        yield proc.wait_ready(), bundles
-    finally:
-        proc.stop()
+    with tiny_server(tiny_model_dirs["bert"], seeded_store.root, tmp_path / "server.log",
+                     ADAPTER_SERVICE_MAX_ITEMS_PER_REQUEST="8", ADAPTER_SERVICE_MAX_TEXT_CHARS="200") as proc:
+        yield proc, bundles
 
 
 def schemathesis(schema: str, url: str, bundles: Path, report: Path, *extra: str) -> subprocess.CompletedProcess:
