@@ -35,10 +35,26 @@ def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-class TaskHead(nn.Module):
-    """Base: maps the backbone's last hidden states of a task's rows to logits."""
+def linear(d_in: int, d_out: int, *, init: bool = True) -> nn.Linear:
+    """`nn.Linear(d_in, d_out)`; with `init=False` its parameters are unallocated placeholders (meta device)
+    for a `load_state_dict(..., assign=True)` to replace: a serving load skips the random initialisation
+    (and `nn.Linear`'s per-call meta-device dispatch), which cost most of a cold load's CPU time."""
+    if init:
+        return nn.Linear(d_in, d_out)
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = d_in, d_out
+    layer.weight = nn.Parameter(torch.empty(d_out, d_in, device="meta"))
+    layer.bias = nn.Parameter(torch.empty(d_out, device="meta"))
+    return layer
 
-    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1):
+
+class TaskHead(nn.Module):
+    """Base: maps the backbone's last hidden states of a task's rows to logits. `init=False` builds it with
+    placeholder parameters, for bundle tensors to be assigned (see `linear`)."""
+
+    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1, *,
+                 init: bool = True):
         super().__init__()
         self.labels = list(labels)
         self.config = config
@@ -64,10 +80,11 @@ class TaskHead(nn.Module):
 class SequenceHead(TaskHead):
     """Pool the tokens (mean over the mask, or [CLS]), optional d->d tanh layer, then d->C."""
 
-    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1):
+    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1, *,
+                 init: bool = True):
         super().__init__(hidden, labels, config, dropout)
-        self.dense = nn.Linear(hidden, hidden) if config.hidden_layer else None
-        self.out = nn.Linear(hidden, self.output_width(self.labels))
+        self.dense = linear(hidden, hidden, init=init) if config.hidden_layer else None
+        self.out = linear(hidden, self.output_width(self.labels), init=init)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # -> [n, d]
         return pool_tokens(hidden, mask, self.config.pooling)
@@ -87,9 +104,10 @@ class SequenceHead(TaskHead):
 class TokenHead(TaskHead):
     """Per-token d->C (token classification) or d->2 (QA start/end)."""
 
-    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1):
+    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1, *,
+                 init: bool = True):
         super().__init__(hidden, labels, config, dropout)
-        self.out = nn.Linear(hidden, self.output_width(self.labels))
+        self.out = linear(hidden, self.output_width(self.labels), init=init)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # -> [n, T, C]
         logits: torch.Tensor = self.out(self.dropout(hidden))

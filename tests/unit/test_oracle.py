@@ -299,3 +299,19 @@ def test_a_head_only_task_in_a_reused_slot_reads_nothing_stale(cases, mode, befo
     engine.run(by_task[before])
     engine.run(by_task[partner])  # the least recently used is now `before`: the head-only task gets its slot
     assert_matches_oracle(engine, case, by_task["headonly"] + by_task[partner])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_narrow_pfeiffer_task_in_a_wide_houlsby_tasks_slot_reads_nothing_stale(cases, mode):
+    """A slot write zeroes only what the slot's previous task wrote: a Pfeiffer task with m = 4 takes the slot
+    of a Houlsby task with m = 72 (every point, wider than the pool was) and shares a batch with a Houlsby
+    task; its rows must see zero at the attention points and beyond its own 4 columns."""
+    case = cases["bert"]
+    backbone = load_backbone(case.model_dir, device="cpu", dtype="float32")
+    engine = Engine(backbone, case.store, cache_max_slots=2, **MODES[mode])
+    by_task: dict[str, list[RowRequest]] = {}
+    for req in case.mixed:
+        by_task.setdefault(req.task, []).append(req)
+    engine.run(by_task["reg"])
+    engine.run(by_task["cls"])  # the least recently used is now `reg`: `multi` gets its slot
+    assert_matches_oracle(engine, case, by_task["multi"] + by_task["cls"])
