@@ -282,6 +282,16 @@ def test_an_adapter_layernorm_left_out_is_caught(cases, monkeypatch, mode):
         assert_matches_oracle(engine, case, case.mixed)
 
 
+def two_slot_engine(case: Case, mode: str) -> tuple[Engine, dict[str, list[RowRequest]]]:
+    """An engine with two device slots in `mode`, and the case's mixed rows by task."""
+    backbone = load_backbone(case.model_dir, device="cpu", dtype="float32")
+    engine = Engine(backbone, case.store, cache_max_slots=2, **MODES[mode])
+    by_task: dict[str, list[RowRequest]] = {}
+    for req in case.mixed:
+        by_task.setdefault(req.task, []).append(req)
+    return engine, by_task
+
+
 # task LayerNorms; LoRA on every projection; adapter LayerNorms
 @pytest.mark.parametrize("before", ["pair", "lora-all", "own-norms"])
 @pytest.mark.parametrize("mode", list(MODES))
@@ -290,11 +300,7 @@ def test_a_head_only_task_in_a_reused_slot_reads_nothing_stale(cases, mode, befo
     shares a batch with a task that makes the forward read every row's norms (or LoRA weights): its rows
     must still see the plain backbone."""
     case = cases["bert"]
-    backbone = load_backbone(case.model_dir, device="cpu", dtype="float32")
-    engine = Engine(backbone, case.store, cache_max_slots=2, **MODES[mode])
-    by_task: dict[str, list[RowRequest]] = {}
-    for req in case.mixed:
-        by_task.setdefault(req.task, []).append(req)
+    engine, by_task = two_slot_engine(case, mode)
     partner = {"pair": "reg", "lora-all": "lora-qv", "own-norms": "own-norm-after-normed"}[before]  # also trains norms / also LoRA
     engine.run(by_task[before])
     engine.run(by_task[partner])  # the least recently used is now `before`: the head-only task gets its slot
@@ -307,11 +313,7 @@ def test_a_narrow_pfeiffer_task_in_a_wide_houlsby_tasks_slot_reads_nothing_stale
     of a Houlsby task with m = 72 (every point, wider than the pool was) and shares a batch with a Houlsby
     task; its rows must see zero at the attention points and beyond its own 4 columns."""
     case = cases["bert"]
-    backbone = load_backbone(case.model_dir, device="cpu", dtype="float32")
-    engine = Engine(backbone, case.store, cache_max_slots=2, **MODES[mode])
-    by_task: dict[str, list[RowRequest]] = {}
-    for req in case.mixed:
-        by_task.setdefault(req.task, []).append(req)
+    engine, by_task = two_slot_engine(case, mode)
     engine.run(by_task["reg"])
     engine.run(by_task["cls"])  # the least recently used is now `reg`: `multi` gets its slot
     assert_matches_oracle(engine, case, by_task["multi"] + by_task["cls"])
