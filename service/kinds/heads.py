@@ -38,7 +38,8 @@ def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
 def linear(d_in: int, d_out: int, *, init: bool = True) -> nn.Linear:
     """`nn.Linear(d_in, d_out)`; with `init=False` its parameters are unallocated placeholders (meta device)
     for a `load_state_dict(..., assign=True)` to replace: a serving load skips the random initialisation
-    (and `nn.Linear`'s per-call meta-device dispatch), which cost most of a cold load's CPU time."""
+    (and `nn.Linear`'s per-call meta-device dispatch), a large share of a cold load's CPU time (measured in
+    docs/benchmarks.md, session 9)."""
     if init:
         return nn.Linear(d_in, d_out)
     layer = nn.Linear.__new__(nn.Linear)

@@ -15,7 +15,7 @@ def build_head(manifest: Manifest, tensors: dict[str, torch.Tensor] | None = Non
     if tensors is None:
         return kind.build_head(hidden, manifest.labels, manifest.head)
     # Built with placeholder parameters and given the bundle's tensors: no random init that would be
-    # overwritten (most of a cold load's CPU time).
+    # overwritten (a large share of a cold load's CPU time).
     head = kind.build_head(hidden, manifest.labels, manifest.head, init=False)
     state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
     head.load_state_dict(state, strict=True, assign=True)
