@@ -16,6 +16,7 @@ from torch import nn
 from service.bundles.manifest import BackboneRef
 from service.errors import BackboneLoadError
 from service.modeling.int8 import full_range_activations
+from service.modeling.onednn import prepack
 from service.modeling.precision import Precision, choose_precision, cpu_flags
 from service.settings import DEFAULT_BACKBONE
 
@@ -198,6 +199,26 @@ def int8_gated(name: str) -> bool:
     return name in INT8_GATED_BACKBONES and full_range_activations(cpu_flags())
 
 
+PACKED_ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+"""The encoder layer's projections (`ArchSpec.lora_target` roles) that `prepack_linears` replaces."""
+
+
+def prepack_linears(model: nn.Module, spec: ArchSpec) -> int:
+    """Replace the `PACKED_ROLES` projections of every encoder layer of the frozen bfloat16 CPU `model` that are
+    plain `nn.Linear`s by oneDNN-prepacked ones (`service.modeling.onednn`), in place. Returns how many."""
+    replaced = 0
+    for layer in get_layers(model, spec):
+        for role in PACKED_ROLES:
+            path = spec.lora_target(role)
+            module = get_submodule(layer, path)
+            if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
+                packed = prepack(module)
+                if packed is not module:
+                    set_submodule(layer, path, packed)
+                    replaced += 1
+    return replaced
+
+
 def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "auto", dtype: str = "auto") -> Backbone:
     """Load `name` (see `resolve_backbone_path`) offline, frozen and in eval mode, on the chosen device, in
     the compute mode `dtype` chooses (`service.modeling.precision`)."""
@@ -232,6 +253,8 @@ def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "auto", dtype: str
         raise BackboneLoadError(str(exc)) from None
     model.eval().requires_grad_(False)
     model.to(device=dev, dtype=precision.dtype)
+    if dev.type == "cpu" and precision.dtype == torch.bfloat16:
+        prepack_linears(model, spec)
     if precision.quantized:
         from service.modeling.smoothing import quantize_smoothed  # it builds on this module's helpers
 

@@ -31,6 +31,8 @@ import warnings
 import torch
 from torch import nn
 
+from service.modeling.onednn import prepack
+
 VNNI_FLAGS = ("avx512_vnni",)
 """CPU flags under which fbgemm's int8 dot products accumulate in int32 without an int16 step (no saturation).
 fbgemm has no AVX-VNNI (256-bit) kernels: such CPUs run its AVX2 path. Every CPU with AMX-INT8 has
@@ -86,14 +88,17 @@ class CastLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
-        self.inner = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                               dtype=dtype, device=linear.weight.device).requires_grad_(False)
+        inner = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          dtype=dtype, device=linear.weight.device).requires_grad_(False)
         with torch.no_grad():
-            self.inner.weight.copy_(linear.weight)
+            inner.weight.copy_(linear.weight)
             if linear.bias is not None:
-                self.inner.bias.copy_(linear.bias)
+                inner.bias.copy_(linear.bias)
+        # on CPU, its weight prepacked for oneDNN once (service.modeling.onednn): the same result, no reorder per call
+        self.inner = prepack(inner, dtype) if inner.weight.device.type == "cpu" and dtype == torch.bfloat16 else inner
+        self.dtype = dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.inner(x.to(self.inner.weight.dtype))
+        y: torch.Tensor = self.inner(x.to(self.dtype))
         return y.to(x.dtype)

@@ -136,7 +136,7 @@ def test_int8_quantises_the_smoothed_projections_and_holds_the_feed_forward_outp
         if ffn_out_dtype is torch.float32:
             assert type(ffn_out) is torch.nn.Linear and ffn_out.weight.dtype is torch.float32
         else:
-            assert isinstance(ffn_out, CastLinear) and ffn_out.inner.weight.dtype is torch.bfloat16
+            assert isinstance(ffn_out, CastLinear) and ffn_out.dtype is torch.bfloat16
     assert all(type(m) is torch.nn.Embedding for m in backbone.model.embeddings.children()
                if isinstance(m, torch.nn.Embedding))
     assert backbone.dtype is torch.float32
