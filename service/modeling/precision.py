@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from service.modeling.onednn import prepack
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "float32", "float16", "bfloat16", "int8")
@@ -120,6 +122,8 @@ class _ProbeLayer:
                                             full_range=full_range))
             elif mode == "int8" and ffn_out_dtype != torch.float32:
                 self.proj.append(CastLinear(linear, ffn_out_dtype))
+            elif mode == "bfloat16":
+                self.proj.append(prepack(linear.to(self.dtype)))  # as the bfloat16 backbone runs them
             else:
                 self.proj.append(linear.to(self.dtype))
         self.norms = [torch.nn.LayerNorm(hidden, dtype=self.dtype).eval() for _ in range(2)]
