@@ -90,5 +90,6 @@ def test_cast_linear_computes_in_bfloat16_and_answers_in_the_input_dtype():
     with torch.inference_mode():
         got, want = cast(x[1:]), linear(x[1:])
     assert got.dtype is torch.float32 and cast.dtype is torch.bfloat16
+    assert cast.inner(x[1:].to(torch.bfloat16)).dtype is torch.bfloat16  # prepacked where oneDNN can
     assert (cast.in_features, cast.out_features) == (96, 64)
     assert 0 < _relative_error(got, want) < 0.02
