@@ -104,9 +104,8 @@ class TaskKind:
         shapes["head.out.bias"] = (c,)
         return shapes
 
-    def build_head(self, hidden: int, labels: Sequence[str], config: HeadConfig, *, init: bool = True) -> TaskHead:
-        """The kind's head module; `init=False`: placeholder parameters, for bundle tensors to be assigned."""
-        return self.head_class(hidden, list(labels), config, init=init)
+    def build_head(self, hidden: int, labels: Sequence[str], config: HeadConfig) -> TaskHead:
+        return self.head_class(hidden, list(labels), config)
 
     # --- training and scoring ----------------------------------------------------------------------
 

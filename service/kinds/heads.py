@@ -35,27 +35,10 @@ def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def linear(d_in: int, d_out: int, *, init: bool = True) -> nn.Linear:
-    """`nn.Linear(d_in, d_out)`; with `init=False` its parameters are unallocated placeholders (meta device)
-    for a `load_state_dict(..., assign=True)` to replace: a serving load skips the random initialisation
-    (and `nn.Linear`'s per-call meta-device dispatch), a large share of a cold load's CPU time (measured in
-    docs/benchmarks.md, session 9)."""
-    if init:
-        return nn.Linear(d_in, d_out)
-    layer = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(layer)
-    layer.in_features, layer.out_features = d_in, d_out
-    layer.weight = nn.Parameter(torch.empty(d_out, d_in, device="meta"))
-    layer.bias = nn.Parameter(torch.empty(d_out, device="meta"))
-    return layer
-
-
 class TaskHead(nn.Module):
-    """Base: maps the backbone's last hidden states of a task's rows to logits. `init=False` builds it with
-    placeholder parameters, for bundle tensors to be assigned (see `linear`)."""
+    """Base: maps the backbone's last hidden states of a task's rows to logits."""
 
-    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1, *,
-                 init: bool = True):
+    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1):
         super().__init__()
         self.labels = list(labels)
         self.config = config
@@ -81,11 +64,10 @@ class TaskHead(nn.Module):
 class SequenceHead(TaskHead):
     """Pool the tokens (mean over the mask, or [CLS]), optional d->d tanh layer, then d->C."""
 
-    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1, *,
-                 init: bool = True):
+    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1):
         super().__init__(hidden, labels, config, dropout)
-        self.dense = linear(hidden, hidden, init=init) if config.hidden_layer else None
-        self.out = linear(hidden, self.output_width(self.labels), init=init)
+        self.dense = nn.Linear(hidden, hidden) if config.hidden_layer else None
+        self.out = nn.Linear(hidden, self.output_width(self.labels))
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # -> [n, d]
         return pool_tokens(hidden, mask, self.config.pooling)
@@ -105,10 +87,9 @@ class SequenceHead(TaskHead):
 class TokenHead(TaskHead):
     """Per-token d->C (token classification) or d->2 (QA start/end)."""
 
-    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1, *,
-                 init: bool = True):
+    def __init__(self, hidden: int, labels: list[str], config: HeadConfig, dropout: float = 0.1):
         super().__init__(hidden, labels, config, dropout)
-        self.out = linear(hidden, self.output_width(self.labels), init=init)
+        self.out = nn.Linear(hidden, self.output_width(self.labels))
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # -> [n, T, C]
         logits: torch.Tensor = self.out(self.dropout(hidden))

@@ -166,9 +166,6 @@ class SlotPool:
         self.norm_w = self._base_norm_w[:, None, :].repeat(1, S, 1).contiguous()  # [P, S, d]
         self.norm_b = self._base_norm_b[:, None, :].repeat(1, S, 1).contiguous()  # [P, S, d]
         self.specs: dict[int, SlotSpec] = {}
-        # slot -> the bottleneck width its last write filled: its weights beyond that width are zero, so the
-        # next write zeroes only that many columns (a slot write is on a cold load's path)
-        self._written: dict[int, int] = {}
         # slot -> per point p: (down_w [d,m], down_b [m], up_w [m,d], up_b [d], activation) views, or None
         # where the slot has no adapter. Built at write time so the hot path does no tensor indexing.
         self._views: dict[int, list[SlotView | None]] = {}
@@ -220,7 +217,6 @@ class SlotPool:
                     device=self.device, dtype=self.dtype)
 
             # One indexed copy per part (not one per part and point): a reload is mostly these copies.
-            self._written[slot] = m
             self.down_w[:, slot, :, :m].index_copy_(0, idx, stacked("down.weight"))
             self.down_b[:, slot, :m].index_copy_(0, idx, stacked("down.bias"))
             self.up_w[:, slot, :m, :].index_copy_(0, idx, stacked("up.weight"))
@@ -301,12 +297,8 @@ class SlotPool:
         return views
 
     def _zero(self, slot: int) -> None:
-        m = self._written.pop(slot, 0)
-        if m:
-            self.down_w[:, slot, :, :m].zero_()
-            self.down_b[:, slot, :m].zero_()
-            self.up_w[:, slot, :m].zero_()
-            self.up_b[:, slot].zero_()
+        for t in (self.down_w, self.down_b, self.up_w, self.up_b):
+            t[:, slot].zero_()
         self.norm_w[:, slot].copy_(self._base_norm_w)
         self.norm_b[:, slot].copy_(self._base_norm_b)
         for name, t in self.own_norms.items():
