@@ -1,12 +1,13 @@
 """What a device-cache miss costs the forward worker when the bundle is already decoded in host memory: the
 slot write and the head build, timed per acquire, optionally side by side with another commit.
 
-    .venv/bin/python bench/cold_load.py [--tasks 300] [--rounds 4] [--bottleneck 8] [--against GIT_REF]
+    .venv/bin/python bench/cold_load.py [--tasks 1000] [--rounds 4] [--bottleneck 8] [--against GIT_REF]
 
 Packaged MiniLM (in `--dtype`, default bfloat16), `--tasks` classification tasks shaped as in
 `bench/scale.py` (Pfeiffer placement, bottleneck `--bottleneck`, no hidden head layer), all decoded into the
 host cache first; then each task acquired and released in turn through a device cache of 64 slots, twice:
-the second pass, where every acquire evicts, is timed (1 thread). Each round runs in a fresh process, one per side; with
+the second pass, where every acquire evicts, is timed (1 thread). With more tasks than the cache keeps spare
+heads for (4 per slot), every timed acquire builds its head as well. Each round runs in a fresh process, one per side; with
 `--against REF` the sides alternate round by round, the other side importing `service` from a git worktree
 of REF. Prints each side's p50 / p99 per round and the median over rounds of the per-round p50 ratio
 (REF / this checkout), and one JSON line.
@@ -73,7 +74,7 @@ def run_side(root: Path, args: argparse.Namespace) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", type=int, default=300)
+    ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--bottleneck", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
