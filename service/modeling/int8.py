@@ -6,27 +6,39 @@ Maths, for an input x [N, in] and a float weight W [out, in] with bias b:
     r_i = max_j |x_s[i, j]|                  (one scale per token: each row's own range)
     y   = r * int8_gemm(x_s / r, Q(W diag(s))) + b
 
-where Q quantises each output channel of the smoothed weight to int8 (symmetric, one scale per channel), and
-int8_gemm is PyTorch's dynamic quantised linear (fbgemm on x86): it quantises its input to uint8 with one scale
-for the whole call, multiplies with VNNI dot products into int32 accumulators and dequantises to float32.
-Dividing every row by its own maximum first gives each token the whole 8-bit range (per-token quantisation,
-as ZeroQuant and LLM.int8 do) through a kernel that only offers one scale per call; the rescale after the
-matmul is exact, since the matmul is linear in each row. A token with huge activations ([CLS], [SEP]) no
-longer coarsens every other token's grid, and a row's result hardly depends on the rows batched with it.
+where Q quantises each output channel of the smoothed weight to int8 (symmetric, one scale per channel) and
+int8_gemm quantises its input to 8 bits, multiplies with the CPU's int8 dot products into int32 accumulators
+and dequantises to float32. Dividing every row by its own maximum first gives each token the whole 8-bit
+range (per-token quantisation, as ZeroQuant and LLM.int8 do); the rescale after the matmul is exact, since
+the matmul is linear in each row. A token with huge activations ([CLS], [SEP]) no longer coarsens every other
+token's grid, and a row's result hardly depends on the rows batched with it.
 
-`full_range`: fbgemm quantises activations to 7 bits by default (`reduce_range`), so that a pair of
-uint8 x int8 products summed into int16 (AVX2's `vpmaddubsw`, also fbgemm's path on CPUs with AVX-VNNI but
-no AVX-512) cannot saturate. Its AVX512-VNNI kernels multiply straight into int32 and take the full 8 bits:
-half the rounding step, 2.8x less error in the int8 model (docs/accuracy.md).
+Two kernels compute int8_gemm (one object per kernel, `Int8Kernel`), chosen per layer when it is built:
+- `OneDnnKernel` where the CPU has AVX512-VNNI (`full_range`) and oneDNN's int8 linear runs here: the row is
+  quantised here, symmetric, to uint8 around 128 (`q = round(127 x_s / r) + 128`, all 8 bits), and oneDNN
+  multiplies it with the prepacked weight (`torch.ops.onednn.qlinear_pointwise`, the kernel `torch.compile`'s
+  x86 int8 path calls: VNNI, or AMX-INT8 where the CPU has it). Its per-call cost is a fraction of fbgemm's
+  dynamic linear's on MiniLM's small matrices (docs/benchmarks.md, session 10).
+- `FbgemmKernel` elsewhere: PyTorch's dynamic quantised linear (fbgemm), which takes x_s / r, quantises it
+  with one scale for the call and, without `full_range`, to 7 bits (`reduce_range`), so that a pair of
+  uint8 x int8 products summed into int16 (AVX2's `vpmaddubsw`, also fbgemm's path on CPUs with AVX-VNNI but
+  no AVX-512) cannot saturate. With AVX512-VNNI products go straight into int32 and take the full 8 bits:
+  half the rounding step, 2.8x less error in the int8 model (docs/accuracy.md).
 
-The weights live in fbgemm's packed form (`_packed`), not in `state_dict()`: an `Int8Linear` is built once
-from float weights at load time and never saved, trained or cast (`.to(dtype)` would cast only its float32
-`inv_scale` and `bias`).
+Query, key and value read the same input: they run as one `StackedInt8`, their weights stacked into one
+matrix, the input quantised once and multiplied once for the three (the smoothing gives them one common
+`inv_scale` for that, `service.modeling.smoothing`); each `StackedInt8Linear` takes its columns.
+
+The packed weights are opaque kernel objects, not in `state_dict()`: an `Int8Linear` is built once from float
+weights at load time and never saved, trained or cast (`.to(dtype)` would cast only its float32 `inv_scale`
+and `bias`).
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -34,14 +46,97 @@ from torch import nn
 from service.modeling.onednn import prepack
 
 VNNI_FLAGS = ("avx512_vnni",)
-"""CPU flags under which fbgemm's int8 dot products accumulate in int32 without an int16 step (no saturation).
+"""CPU flags under which int8 dot products accumulate in int32 without an int16 step (no saturation).
 fbgemm has no AVX-VNNI (256-bit) kernels: such CPUs run its AVX2 path. Every CPU with AMX-INT8 has
 AVX512-VNNI too."""
 
 
 def full_range_activations(flags: frozenset[str]) -> bool:
-    """True where fbgemm's activations may use all 8 bits without saturating: the CPU has AVX512-VNNI."""
+    """True where activations may use all 8 bits without saturating: the CPU has AVX512-VNNI."""
     return any(flag in flags for flag in VNNI_FLAGS)
+
+
+def _per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation of `weight` [out, in], one scale per output channel: (int8 weight, scales)."""
+    scales = (weight.abs().amax(1) / 127.0).clamp(min=1e-12)
+    return torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales
+
+
+class Int8Kernel(Protocol):
+    """int8_gemm of the module docstring, split in two so that layers sharing an input quantise it once.
+
+    `quantize(x)`: x [N, in] float32 (smoothed) -> (the kernel's operand, c [N, 1] float32);
+    `matmul(operand)` -> z [N, out] float32 with  x W^T ~= c * z  (per row), W the float weight it was built from.
+    """
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def matmul(self, operand: torch.Tensor) -> torch.Tensor: ...
+
+
+class OneDnnKernel:
+    """oneDNN's int8 linear on a row-wise symmetric uint8 operand (zero point 128): see the module docstring."""
+
+    ZERO_POINT = 128
+
+    def __init__(self, weight: torch.Tensor):
+        qweight, self.scales = _per_channel(weight.float())
+        self.packed = torch.ops.onednn.qlinear_prepack(qweight, None)
+        self.zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+
+    @staticmethod
+    def available() -> bool:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")  # type: ignore[no-untyped-call]
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # max |x| per row from two reductions (no |x| tensor written); + 128.5 then truncation = round half up
+        r = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_()).clamp_(min=1e-12)
+        q = x.mul(127.0 / r).add_(self.ZERO_POINT + 0.5).to(torch.uint8)
+        return q, r.div_(127.0)
+
+    def matmul(self, operand: torch.Tensor) -> torch.Tensor:
+        z: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
+            operand, 1.0, self.ZERO_POINT, self.packed, self.scales, self.zero_points, None, 1.0, 0, torch.float32,
+            "none", [], "")
+        return z
+
+
+class FbgemmKernel:
+    """PyTorch's dynamic quantised linear (fbgemm) on the row-normalised input: see the module docstring."""
+
+    def __init__(self, weight: torch.Tensor, *, full_range: bool):
+        qweight, scales = _per_channel(weight.float())
+        del qweight  # fbgemm quantises the float weight itself, to the same grid
+        zeros = torch.zeros_like(scales, dtype=torch.long)
+        with warnings.catch_warnings():  # torch 2.13 marks quantised tensor creation as deprecated
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+            qtensor = torch.quantize_per_channel(weight.float(), scales.double(), zeros, 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(qtensor, None)
+        self.full_range = full_range
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = x.abs().amax(-1, keepdim=True).clamp_(min=1e-12)
+        return x / r, r
+
+    def matmul(self, operand: torch.Tensor) -> torch.Tensor:
+        z: torch.Tensor = torch.ops.quantized.linear_dynamic(operand, self.packed, reduce_range=not self.full_range)
+        return z
+
+
+def build_kernel(weight: torch.Tensor, *, full_range: bool) -> Int8Kernel:
+    """The kernel for `weight` [out, in] on this CPU: oneDNN's where it may use all 8 bits and its result agrees
+    with fbgemm's on a few random rows (checked once per layer), else fbgemm's."""
+    fbgemm = FbgemmKernel(weight, full_range=full_range)
+    if not (full_range and OneDnnKernel.available()):
+        return fbgemm
+    try:
+        onednn = OneDnnKernel(weight)
+        x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        got, want = (k.matmul(q) * c for k in (onednn, fbgemm) for q, c in [k.quantize(x)])
+        agrees = bool(((got - want).norm() <= 0.05 * want.norm()).item())
+    except RuntimeError:
+        return fbgemm
+    return onednn if agrees else fbgemm
 
 
 class Int8Linear(nn.Module):
@@ -57,28 +152,78 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, inv_scale: torch.Tensor | None,
                  *, full_range: bool):
         super().__init__()
-        w = weight.detach().float()
-        self.out_features, self.in_features = w.shape
-        scales = (w.abs().amax(1) / 127.0).clamp(min=1e-12).double()
-        with warnings.catch_warnings():  # torch 2.13 marks quantised tensor creation as deprecated
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-            qweight = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0,
-                                                 torch.qint8)
-        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.out_features, self.in_features = weight.shape
+        self.kernel = build_kernel(weight.detach(), full_range=full_range)
         self.register_buffer("inv_scale", None if inv_scale is None else inv_scale.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.full_range = full_range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inv_scale is not None:
-            x = x * self.inv_scale
-        r = x.abs().amax(-1, keepdim=True).clamp_(min=1e-12)
-        y = torch.ops.quantized.linear_dynamic(x / r, self._packed, reduce_range=not self.full_range)
-        return y * r if self.bias is None else torch.addcmul(self.bias, y, r)
+        x2 = x.reshape(-1, self.in_features)
+        operand, c = self.kernel.quantize(x2 if self.inv_scale is None else x2 * self.inv_scale)
+        return _rescale(self.kernel.matmul(operand), c, self.bias).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"smoothed={self.inv_scale is not None}, full_range={self.full_range}")
+                f"smoothed={self.inv_scale is not None}, full_range={self.full_range}, "
+                f"kernel={type(self.kernel).__name__}")
+
+
+def _rescale(z: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """c * z + bias, row by row (the per-token scale back onto the int8 matmul's result)."""
+    return z.mul(c) if bias is None else torch.addcmul(bias, z, c)
+
+
+class StackedInt8:
+    """Several projections of one input (a layer's query, key and value) as one int8 matmul: their smoothed
+    weights stacked `[sum out, in]` under one `inv_scale`, the input quantised once and multiplied once; each
+    projection (`StackedInt8Linear`) takes its columns. The first of them to run computes the product, the
+    others take it: per thread (forwards run on several threads), and kept only until each has had it, so a
+    later forward never reads a stale product (a different input tensor always recomputes)."""
+
+    def __init__(self, weights: list[torch.Tensor], inv_scale: torch.Tensor | None, *, full_range: bool):
+        self.kernel = build_kernel(torch.cat([w.detach() for w in weights]), full_range=full_range)
+        self.inv_scale = None if inv_scale is None else inv_scale.detach().float().clone()
+        self.bounds = [0]
+        for w in weights:
+            self.bounds.append(self.bounds[-1] + w.shape[0])
+        self.in_features = weights[0].shape[1]
+        self._local = threading.local()
+
+    def product(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z [N, sum out], c [N, 1]) for input x [..., in]: computed once per input, for all the projections."""
+        held: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], int] | None = getattr(self._local, "held", None)
+        if held is not None and held[0] is x:
+            _, result, left = held
+            self._local.held = (x, result, left - 1) if left > 1 else None
+            return result
+        x2 = x.reshape(-1, self.in_features)
+        operand, c = self.kernel.quantize(x2 if self.inv_scale is None else x2 * self.inv_scale)
+        result = (self.kernel.matmul(operand), c)
+        readers = len(self.bounds) - 1
+        self._local.held = (x, result, readers - 1) if readers > 1 else None
+        return result
+
+
+class StackedInt8Linear(nn.Module):
+    """Projection `index` of a `StackedInt8`: its columns of the stacked product, rescaled, plus its bias."""
+
+    bias: torch.Tensor | None
+
+    def __init__(self, stack: StackedInt8, index: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.stack, self.index = stack, index
+        self.lo, self.hi = stack.bounds[index], stack.bounds[index + 1]
+        self.in_features, self.out_features = stack.in_features, self.hi - self.lo
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, c = self.stack.product(x)
+        return _rescale(z[:, self.lo : self.hi], c, self.bias).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, stacked={self.index} of "
+                f"{len(self.stack.bounds) - 1}, kernel={type(self.stack.kernel).__name__}")
 
 
 class CastLinear(nn.Module):

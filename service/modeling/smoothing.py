@@ -29,14 +29,26 @@ import torch
 from torch import nn
 
 from service.modeling.backbone import ArchSpec, get_layers, get_submodule, set_submodule
-from service.modeling.int8 import CastLinear, Int8Linear, full_range_activations
+from service.modeling.int8 import (
+    CastLinear,
+    Int8Linear,
+    StackedInt8,
+    StackedInt8Linear,
+    full_range_activations,
+)
 from service.modeling.precision import cpu_flags
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-ALPHAS = {"query": 0.5, "key": 0.5, "value": 0.5, "attn_out": 0.5, "ffn_in": 0.6}
-"""Smoothing strength per int8 projection role (the roles of `ArchSpec.lora_target`)."""
+ALPHAS = {"query": 0.9, "key": 0.9, "value": 0.9, "attn_out": 0.5, "ffn_in": 0.6}
+"""Smoothing strength per int8 projection role (the roles of `ArchSpec.lora_target`). Query, key and value
+share one smoothing (`SHARED_INPUT_ROLES`), whose error is lowest at a higher strength than each alone
+(docs/accuracy.md)."""
+
+SHARED_INPUT_ROLES = ("query", "key", "value")
+"""Roles that read the same input: smoothed by one common s (from their weights' joint column maxima, as
+SmoothQuant does for Q/K/V) so that they run as one int8 matmul (`int8.StackedInt8`). Equal `ALPHAS`."""
 
 
 def calibration_texts() -> list[str]:
@@ -80,18 +92,35 @@ def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec
     replaced by `Int8Linear`s (8-bit activations where the CPU has AVX512-VNNI), the feed-forward output held
     in `ffn_out_dtype`. Returns how many projections are int8."""
     full_range = full_range_activations(cpu_flags())
-    linears: dict[str, tuple[nn.Linear, float]] = {}
+    groups: list[tuple[float, dict[str, nn.Linear]]] = []  # one smoothing (and one SharedInput) per group
     for i, layer in enumerate(get_layers(model, spec)):
+        shared: dict[str, nn.Linear] = {}
         for role, alpha in ALPHAS.items():
             module = get_submodule(layer, spec.lora_target(role))
-            if type(module) is nn.Linear:
-                linears[f"{spec.layers}.{i}.{spec.lora_target(role)}"] = (module, alpha)
+            if type(module) is not nn.Linear:
+                continue
+            path = f"{spec.layers}.{i}.{spec.lora_target(role)}"
+            if role in SHARED_INPUT_ROLES:
+                shared[path] = module
+            else:
+                groups.append((alpha, {path: module}))
+        if shared:
+            groups.append((ALPHAS[SHARED_INPUT_ROLES[0]], shared))
         ffn_out = get_submodule(layer, spec.lora_target("ffn_out"))
         if ffn_out_dtype != torch.float32 and type(ffn_out) is nn.Linear:
             set_submodule(layer, spec.lora_target("ffn_out"), CastLinear(ffn_out, ffn_out_dtype))
-    maxima = input_maxima(model, tokenizer, {p: m for p, (m, _) in linears.items()}, calibration_texts())
-    for path, (linear, alpha) in linears.items():
-        s = smoothing_factors(maxima[path], linear.weight, alpha)
-        set_submodule(model, path, Int8Linear(linear.weight.detach().float() * s, linear.bias, 1.0 / s,
-                                              full_range=full_range))
+    linears = {path: m for _, group in groups for path, m in group.items()}
+    maxima = input_maxima(model, tokenizer, linears, calibration_texts())
+    for alpha, group in groups:
+        paths = list(group)
+        input_max = torch.stack([maxima[p] for p in paths]).amax(0)  # one input: the same maxima, up to hooks
+        s = smoothing_factors(input_max, torch.cat([m.weight for m in group.values()]), alpha)
+        if len(paths) == 1:
+            linear = group[paths[0]]
+            set_submodule(model, paths[0], Int8Linear(linear.weight.detach().float() * s, linear.bias, 1.0 / s,
+                                                      full_range=full_range))
+            continue
+        stack = StackedInt8([m.weight.detach().float() * s for m in group.values()], 1.0 / s, full_range=full_range)
+        for index, (path, linear) in enumerate(group.items()):
+            set_submodule(model, path, StackedInt8Linear(stack, index, linear.bias))
     return len(linears)

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from service.modeling.int8 import CastLinear, Int8Linear, full_range_activations
+from service.modeling.int8 import (
+    CastLinear,
+    FbgemmKernel,
+    Int8Linear,
+    OneDnnKernel,
+    StackedInt8,
+    StackedInt8Linear,
+    build_kernel,
+    full_range_activations,
+)
 from service.modeling.precision import cpu_flags
+
+ONEDNN_HERE = full_range_activations(cpu_flags()) and OneDnnKernel.available()
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -42,7 +55,7 @@ def test_per_token_scales_keep_small_tokens_precise_beside_a_huge_one():
     for i in range(x.shape[0]):
         assert _relative_error(got[i], want[i]) < 0.03, i
     # one scale for the whole batch (what per-token scaling replaces) loses the small tokens entirely
-    per_batch = torch.ops.quantized.linear_dynamic(x, q._packed, reduce_range=True) + linear.bias
+    per_batch = torch.ops.quantized.linear_dynamic(x, q.kernel.packed, reduce_range=True) + linear.bias
     assert _relative_error(per_batch[1:], want[1:]) > 10 * _relative_error(got[1:], want[1:])
 
 
@@ -93,3 +106,88 @@ def test_cast_linear_computes_in_bfloat16_and_answers_in_the_input_dtype():
     assert cast.inner(x[1:].to(torch.bfloat16)).dtype is torch.bfloat16  # prepacked where oneDNN can
     assert (cast.in_features, cast.out_features) == (96, 64)
     assert 0 < _relative_error(got, want) < 0.02
+
+
+def test_the_kernel_is_onednns_only_with_full_range_activations():
+    linear, _ = _layer_and_input(5)
+    assert isinstance(build_kernel(linear.weight.detach(), full_range=False), FbgemmKernel)
+    kernel = build_kernel(linear.weight.detach(), full_range=True)
+    assert isinstance(kernel, OneDnnKernel if ONEDNN_HERE else FbgemmKernel)
+
+
+@pytest.mark.skipif(not ONEDNN_HERE, reason="oneDNN's int8 kernel runs here only with AVX512-VNNI")
+def test_onednn_kernel_agrees_with_fbgemm_within_8_bit_rounding():
+    linear, x = _layer_and_input(6)
+    w = linear.weight.detach()
+    results = []
+    for kernel in (OneDnnKernel(w), FbgemmKernel(w, full_range=True)):
+        operand, c = kernel.quantize(x)
+        results.append(kernel.matmul(operand) * c)
+    want = x @ w.T
+    for got in results:
+        for i in range(x.shape[0]):  # per token: each row on its own 8-bit grid
+            assert _relative_error(got[i], want[i]) < 0.015, i
+    assert _relative_error(results[0], results[1]) < 0.015
+
+
+def _stacked(seed: int = 7, full_range: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(n, 96, generator=g) / 10 for n in (64, 64, 32)]
+    biases = [torch.randn(n, generator=g) for n in (64, 64, 32)]
+    inv_scale = torch.rand(96, generator=g) + 0.5
+    stack = StackedInt8(weights, inv_scale, full_range=full_range)
+    return weights, biases, inv_scale, stack, [StackedInt8Linear(stack, i, b) for i, b in enumerate(biases)]
+
+
+@pytest.mark.parametrize("full_range", [False, True])
+def test_stacked_projections_equal_each_projection_quantised_alone(full_range):
+    weights, biases, inv_scale, _, stacked = _stacked(full_range=full_range)
+    x = torch.randn(2, 20, 96, generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        for w, b, proj in zip(weights, biases, stacked):
+            alone = Int8Linear(w, b, inv_scale, full_range=full_range)
+            got = proj(x)
+            assert got.shape == (2, 20, w.shape[0]) and (proj.in_features, proj.out_features) == (96, w.shape[0])
+            # the same grids (per output channel, per token): the same result up to float summation order
+            torch.testing.assert_close(got, alone(x), atol=1e-5, rtol=1e-5)
+
+
+def _count_matmuls(stack: StackedInt8, monkeypatch) -> list[int]:
+    calls = [0]
+    inner = stack.kernel.matmul
+
+    def counted(operand):
+        calls[0] += 1
+        return inner(operand)
+
+    monkeypatch.setattr(stack.kernel, "matmul", counted)
+    return calls
+
+
+def test_a_stack_multiplies_once_per_input_and_never_reuses_a_product_for_another_input(monkeypatch):
+    _, _, _, stack, (q, k, v) = _stacked()
+    calls = _count_matmuls(stack, monkeypatch)
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(10, 96, generator=g), torch.randn(10, 96, generator=g)
+    with torch.inference_mode():
+        first = [q(x), k(x), v(x)]
+        assert calls[0] == 1  # one matmul for the three
+        assert torch.equal(q(x), first[0]) and calls[0] == 2  # all three had it: a new forward recomputes
+        assert not torch.equal(k(y), first[1]) and calls[0] == 3  # another input: its own product
+        k(x)
+        assert calls[0] == 4
+
+
+def test_a_stacks_product_stays_on_the_thread_that_computed_it(monkeypatch):
+    _, _, _, stack, (q, k, _) = _stacked()
+    calls = _count_matmuls(stack, monkeypatch)
+    x = torch.randn(10, 96, generator=torch.Generator().manual_seed(10))
+    with torch.inference_mode():
+        want = k(x).clone()
+        q(x)  # this thread now holds x's product for key and value
+        out: list[torch.Tensor] = []
+        worker = threading.Thread(target=lambda: out.append(k(x)))
+        worker.start()
+        worker.join()
+    assert calls[0] == 2  # the other thread computed its own (this one still holds it, for value)
+    assert torch.equal(out[0], want)

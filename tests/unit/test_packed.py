@@ -121,15 +121,20 @@ def test_reduced_precisions_agree_with_float32_and_mixed_still_equals_alone(tiny
 def test_int8_quantises_the_smoothed_projections_and_holds_the_feed_forward_output_apart(
         tiny_model_dirs, store, monkeypatch, ffn_out_dtype):
     from service.modeling import backbone as backbone_module
-    from service.modeling.int8 import CastLinear, Int8Linear
+    from service.modeling.int8 import CastLinear, Int8Linear, StackedInt8Linear
     from service.modeling.precision import Precision
 
     monkeypatch.setattr(backbone_module, "choose_precision", lambda *a, **k: Precision(
         "int8", torch.float32, "test", ffn_out_dtype))
     backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="int8")
     for layer in backbone.model.encoder.layer:
-        for proj in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
-                     layer.attention.output.dense, layer.intermediate.dense):
+        sa = layer.attention.self
+        qkv = (sa.query, sa.key, sa.value)
+        assert all(isinstance(proj, StackedInt8Linear) and proj.stack is sa.query.stack for proj in qkv)
+        assert [(p.lo, p.hi) for p in qkv] == [(0, 32), (32, 64), (64, 96)]  # the tiny BERT's width: 32
+        inv_scale = sa.query.stack.inv_scale
+        assert inv_scale is not None and inv_scale.shape == (32,) and (inv_scale > 0).all()
+        for proj in (layer.attention.output.dense, layer.intermediate.dense):
             assert isinstance(proj, Int8Linear)
             assert proj.inv_scale.shape == (proj.in_features,) and (proj.inv_scale > 0).all()
         ffn_out = layer.output.dense
