@@ -442,16 +442,7 @@ class SlotPool:
                 todo.append((a, b, v))
         if not todo:
             return h
-        # Down-projections and activations: z [N, m]; rows of segments without an adapter here hold garbage
-        # and are never read.
-        z = torch.empty(x.shape[0], self.bottleneck_capacity, device=x.device, dtype=x.dtype)
-        for a, b, (down_w, down_b, _, _, _) in todo:
-            torch.addmm(down_b, x[a:b], down_w, out=z[a:b, : down_w.shape[1]])
-        if len({v[4] for _, _, v in todo}) == 1:  # the usual case: one activation call for all tasks
-            z = todo[0][2][4](z)
-        else:
-            for a, b, (down_w, _, _, _, act) in todo:
-                z[a:b, : down_w.shape[1]] = act(z[a:b, : down_w.shape[1]])
+        z = self._down_activated(x, todo)
         if token_index is not None:
             # the adapters' outputs y [N, d], added at the real tokens' places; 0 where no adapter
             covered = sum(b - a for a, b, _ in todo) == x.shape[0]
@@ -478,15 +469,31 @@ class SlotPool:
             z = self._activate_segments(z, idx, r)
             y = torch.baddbmm(self.up_b[p].index_select(0, idx).unsqueeze(1), z, self.up_w[p].index_select(0, idx))
             return h.index_add_(0, r.real_tokens, y.view(-1, d).index_select(0, r.real_places))
+        todo = []
         for (a, b), seg in zip(r.packed_bounds, r.segments):
             views = self._views.get(seg.slot)
             v = views[p] if views is not None else None
-            if v is None:
-                continue
-            down_w, down_b, up_w, up_b, act = v
-            x = h[a:b]
-            x.addmm_(act(torch.addmm(down_b, x, down_w)), up_w).add_(up_b)
+            if v is not None:
+                todo.append((a, b, v))
+        if not todo:
+            return h
+        z = self._down_activated(h, todo)
+        for a, b, (down_w, _, up_w, up_b, _) in todo:
+            h[a:b].addmm_(z[a:b, : down_w.shape[1]], up_w).add_(up_b)
         return h
+
+    def _down_activated(self, x: torch.Tensor, todo: list[tuple[int, int, SlotView]]) -> torch.Tensor:
+        """z [N, m] = act(x[a:b] @ down_w + down_b) for each segment (a, b) of `todo`, in one buffer, so that one
+        activation call covers every segment when their tasks agree on it (as they usually do); rows of
+        segments without an adapter here hold garbage and are never read."""
+        z = torch.empty(x.shape[0], self.bottleneck_capacity, device=x.device, dtype=x.dtype)
+        for a, b, (down_w, down_b, _, _, _) in todo:
+            torch.addmm(down_b, x[a:b], down_w, out=z[a:b, : down_w.shape[1]])
+        if len({v[4] for _, _, v in todo}) == 1:
+            return todo[0][2][4](z)
+        for a, b, (down_w, _, _, _, act) in todo:
+            z[a:b, : down_w.shape[1]] = act(z[a:b, : down_w.shape[1]])
+        return z
 
     def _activate(self, z: torch.Tensor, r: Routing) -> torch.Tensor:
         """Each row's activation (one call when the batch's tasks agree, as they usually do)."""
