@@ -13,7 +13,8 @@ range (per-token quantisation, as ZeroQuant and LLM.int8 do); the rescale after 
 the matmul is linear in each row. A token with huge activations ([CLS], [SEP]) no longer coarsens every other
 token's grid, and a row's result hardly depends on the rows batched with it.
 
-Two kernels compute int8_gemm (one object per kernel, `Int8Kernel`), chosen per layer when it is built:
+Two kernels compute int8_gemm (one object per kernel, `Int8Kernel`), chosen per layer when it is built (and
+by the mode's recipe, `Int8Recipe`):
 - `OneDnnKernel` where the CPU has AVX512-VNNI (`full_range`) and oneDNN's int8 linear runs here: the row is
   quantised here, symmetric, to uint8 around 128 (`q = round(127 x_s / r) + 128`, all 8 bits), and oneDNN
   multiplies it with the prepacked weight (`torch.ops.onednn.qlinear_pointwise`, the kernel `torch.compile`'s
@@ -25,7 +26,7 @@ Two kernels compute int8_gemm (one object per kernel, `Int8Kernel`), chosen per 
   no AVX-512) cannot saturate. With AVX512-VNNI products go straight into int32 and take the full 8 bits:
   half the rounding step, 2.8x less error in the int8 model (docs/accuracy.md).
 
-Query, key and value read the same input: they run as one `StackedInt8`, their weights stacked into one
+Query, key and value read the same input: where the recipe says so they run as one `StackedInt8`, their weights stacked into one
 matrix, the input quantised once and multiplied once for the three (the smoothing gives them one common
 `inv_scale` for that, `service.modeling.smoothing`); each `StackedInt8Linear` takes its columns.
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -123,20 +125,41 @@ class FbgemmKernel:
         return z
 
 
-def build_kernel(weight: torch.Tensor, *, full_range: bool) -> Int8Kernel:
-    """The kernel for `weight` [out, in] on this CPU: oneDNN's where it may use all 8 bits and its result agrees
-    with fbgemm's on a few random rows (checked once per layer), else fbgemm's."""
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How the `int8` mode builds its layers, by the dtype of the feed-forward output projection (the one it
+    keeps out of int8). Each recipe is the one recorded within the accuracy gate with that dtype
+    (docs/accuracy.md): the oneDNN kernel's symmetric per-token grid with a bfloat16 feed-forward output cost
+    MRPC one dev pair too many, so that combination keeps fbgemm's kernel and per-role smoothing."""
+
+    ffn_out_dtype: torch.dtype
+    onednn: bool
+    """`OneDnnKernel` where the CPU allows it (`build_kernel`); else `FbgemmKernel` everywhere."""
+    stacked_qkv: bool
+    """Query, key and value as one `StackedInt8` under one smoothing; else three `Int8Linear`s."""
+
+
+RECIPES = {
+    torch.float32: Int8Recipe(torch.float32, onednn=True, stacked_qkv=True),
+    torch.bfloat16: Int8Recipe(torch.bfloat16, onednn=False, stacked_qkv=False),
+}
+"""The recipe per feed-forward output dtype (see `Int8Recipe`)."""
+
+
+def build_kernel(weight: torch.Tensor, *, full_range: bool, onednn: bool = True) -> Int8Kernel:
+    """The kernel for `weight` [out, in] on this CPU: with `onednn`, oneDNN's where it may use all 8 bits and
+    its result agrees with fbgemm's on a few random rows (checked once per layer); else fbgemm's."""
     fbgemm = FbgemmKernel(weight, full_range=full_range)
-    if not (full_range and OneDnnKernel.available()):
+    if not (onednn and full_range and OneDnnKernel.available()):
         return fbgemm
     try:
-        onednn = OneDnnKernel(weight)
+        kernel = OneDnnKernel(weight)
         x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
-        got, want = (k.matmul(q) * c for k in (onednn, fbgemm) for q, c in [k.quantize(x)])
+        got, want = (k.matmul(q) * c for k in (kernel, fbgemm) for q, c in [k.quantize(x)])
         agrees = bool(((got - want).norm() <= 0.05 * want.norm()).item())
     except RuntimeError:
         return fbgemm
-    return onednn if agrees else fbgemm
+    return kernel if agrees else fbgemm
 
 
 class Int8Linear(nn.Module):
@@ -150,10 +173,10 @@ class Int8Linear(nn.Module):
     bias: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, inv_scale: torch.Tensor | None,
-                 *, full_range: bool):
+                 *, full_range: bool, onednn: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.kernel = build_kernel(weight.detach(), full_range=full_range)
+        self.kernel = build_kernel(weight.detach(), full_range=full_range, onednn=onednn)
         self.register_buffer("inv_scale", None if inv_scale is None else inv_scale.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.full_range = full_range
@@ -181,8 +204,9 @@ class StackedInt8:
     others take it: per thread (forwards run on several threads), and kept only until each has had it, so a
     later forward never reads a stale product (a different input tensor always recomputes)."""
 
-    def __init__(self, weights: list[torch.Tensor], inv_scale: torch.Tensor | None, *, full_range: bool):
-        self.kernel = build_kernel(torch.cat([w.detach() for w in weights]), full_range=full_range)
+    def __init__(self, weights: list[torch.Tensor], inv_scale: torch.Tensor | None, *, full_range: bool,
+                 onednn: bool = True):
+        self.kernel = build_kernel(torch.cat([w.detach() for w in weights]), full_range=full_range, onednn=onednn)
         self.inv_scale = None if inv_scale is None else inv_scale.detach().float().clone()
         self.bounds = [0]
         for w in weights:

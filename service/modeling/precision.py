@@ -107,6 +107,7 @@ class _ProbeLayer:
     def __init__(self, hidden: int, mode: str, ffn_out_dtype: torch.dtype = torch.float32,
                  rows: int = 16, tokens: int = 32, heads: int = 12):
         from service.modeling.int8 import (
+            RECIPES,
             CastLinear,
             Int8Linear,
             StackedInt8,
@@ -116,6 +117,7 @@ class _ProbeLayer:
 
         g = torch.Generator().manual_seed(0)
         full_range = full_range_activations(cpu_flags())
+        recipe = RECIPES[ffn_out_dtype]
         self.dtype = torch.bfloat16 if mode == "bfloat16" else torch.float32
         self.heads = heads
         self.rows, self.x = rows, torch.randn(rows * tokens, hidden, generator=g).to(self.dtype)  # packed
@@ -123,14 +125,15 @@ class _ProbeLayer:
         self.proj: list[torch.nn.Module] = []
         linears = [torch.nn.Linear(n_in, n_out).eval().requires_grad_(False) for n_out, n_in in shapes]
         qkv = (StackedInt8([lin.weight for lin in linears[:3]], torch.rand(hidden, generator=g) + 0.5,
-                           full_range=full_range) if mode == "int8" else None)
+                           full_range=full_range, onednn=recipe.onednn)
+               if mode == "int8" and recipe.stacked_qkv else None)
         for i, linear in enumerate(linears):
             n_in = linear.in_features
-            if qkv is not None and i < 3:  # query, key, value: one stacked matmul, as the int8 mode runs them
+            if qkv is not None and i < 3:  # query, key, value: one stacked matmul, as the recipe runs them
                 self.proj.append(StackedInt8Linear(qkv, i, linear.bias))
             elif mode == "int8" and i < 5:
                 self.proj.append(Int8Linear(linear.weight, linear.bias, torch.rand(n_in, generator=g) + 0.5,
-                                            full_range=full_range))
+                                            full_range=full_range, onednn=recipe.onednn))
             elif mode == "int8" and ffn_out_dtype != torch.float32:
                 self.proj.append(CastLinear(linear, ffn_out_dtype))
             elif mode == "bfloat16":
@@ -167,8 +170,8 @@ INT8_MIN_SPEEDUP = 1.2
 
 def int8_speedup(hidden: int = 384, reps: int = 7, ffn_out_dtype: torch.dtype = torch.float32) -> float:
     """float32 time / int8 time of the same layer as `bf16_speedup`, the int8 one as the `int8` mode runs it:
-    query, key and value one stacked int8 matmul, the attention output and feed-forward inner projections
-    `Int8Linear`s (smoothing multiply, per-token scales), the feed-forward output in
+    its five int8 projections built by the recipe for `ffn_out_dtype` (`int8.RECIPES`: smoothing multiply,
+    per-token scales, query/key/value stacked or not), the feed-forward output in
     `ffn_out_dtype`, the rest float32 (`_speed_ratio`)."""
     return _speed_ratio(_ProbeLayer(hidden, "float32"), _ProbeLayer(hidden, "int8", ffn_out_dtype), reps)
 

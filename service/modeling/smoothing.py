@@ -30,6 +30,7 @@ from torch import nn
 
 from service.modeling.backbone import ArchSpec, get_layers, get_submodule, set_submodule
 from service.modeling.int8 import (
+    RECIPES,
     CastLinear,
     Int8Linear,
     StackedInt8,
@@ -41,14 +42,17 @@ from service.modeling.precision import cpu_flags
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-ALPHAS = {"query": 0.9, "key": 0.9, "value": 0.9, "attn_out": 0.5, "ffn_in": 0.6}
-"""Smoothing strength per int8 projection role (the roles of `ArchSpec.lora_target`). Query, key and value
-share one smoothing (`SHARED_INPUT_ROLES`), whose error is lowest at a higher strength than each alone
-(docs/accuracy.md)."""
+ALPHAS = {"query": 0.5, "key": 0.5, "value": 0.5, "attn_out": 0.5, "ffn_in": 0.6}
+"""Smoothing strength per int8 projection role (the roles of `ArchSpec.lora_target`)."""
 
 SHARED_INPUT_ROLES = ("query", "key", "value")
-"""Roles that read the same input: smoothed by one common s (from their weights' joint column maxima, as
-SmoothQuant does for Q/K/V) so that they run as one int8 matmul (`int8.StackedInt8`). Equal `ALPHAS`."""
+"""Roles that read the same input: where the recipe stacks them (`Int8Recipe.stacked_qkv`), smoothed by one
+common s (from their weights' joint column maxima, as SmoothQuant does for Q/K/V) so that they run as one
+int8 matmul (`int8.StackedInt8`), at strength `STACKED_ALPHA`."""
+
+STACKED_ALPHA = 0.9
+"""The stacked query/key/value's smoothing strength: one s for three weights has its lowest error at a higher
+strength than each alone (docs/accuracy.md)."""
 
 
 def calibration_texts() -> list[str]:
@@ -92,7 +96,9 @@ def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec
     replaced by `Int8Linear`s (8-bit activations where the CPU has AVX512-VNNI), the feed-forward output held
     in `ffn_out_dtype`. Returns how many projections are int8."""
     full_range = full_range_activations(cpu_flags())
-    groups: list[tuple[float, dict[str, nn.Linear]]] = []  # one smoothing (and one SharedInput) per group
+    recipe = RECIPES[ffn_out_dtype]
+    stacked = SHARED_INPUT_ROLES if recipe.stacked_qkv else ()
+    groups: list[tuple[float, dict[str, nn.Linear]]] = []  # one smoothing (and one int8 matmul) per group
     for i, layer in enumerate(get_layers(model, spec)):
         shared: dict[str, nn.Linear] = {}
         for role, alpha in ALPHAS.items():
@@ -100,12 +106,12 @@ def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec
             if type(module) is not nn.Linear:
                 continue
             path = f"{spec.layers}.{i}.{spec.lora_target(role)}"
-            if role in SHARED_INPUT_ROLES:
+            if role in stacked:
                 shared[path] = module
             else:
                 groups.append((alpha, {path: module}))
         if shared:
-            groups.append((ALPHAS[SHARED_INPUT_ROLES[0]], shared))
+            groups.append((STACKED_ALPHA, shared))
         ffn_out = get_submodule(layer, spec.lora_target("ffn_out"))
         if ffn_out_dtype != torch.float32 and type(ffn_out) is nn.Linear:
             set_submodule(layer, spec.lora_target("ffn_out"), CastLinear(ffn_out, ffn_out_dtype))
@@ -118,9 +124,10 @@ def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec
         if len(paths) == 1:
             linear = group[paths[0]]
             set_submodule(model, paths[0], Int8Linear(linear.weight.detach().float() * s, linear.bias, 1.0 / s,
-                                                      full_range=full_range))
+                                                      full_range=full_range, onednn=recipe.onednn))
             continue
-        stack = StackedInt8([m.weight.detach().float() * s for m in group.values()], 1.0 / s, full_range=full_range)
+        stack = StackedInt8([m.weight.detach().float() * s for m in group.values()], 1.0 / s, full_range=full_range,
+                            onednn=recipe.onednn)
         for index, (path, linear) in enumerate(group.items()):
             set_submodule(model, path, StackedInt8Linear(stack, index, linear.bias))
     return len(linears)

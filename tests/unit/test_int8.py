@@ -108,9 +108,10 @@ def test_cast_linear_computes_in_bfloat16_and_answers_in_the_input_dtype():
     assert 0 < _relative_error(got, want) < 0.02
 
 
-def test_the_kernel_is_onednns_only_with_full_range_activations():
+def test_the_kernel_is_onednns_only_with_full_range_activations_and_where_the_recipe_asks_for_it():
     linear, _ = _layer_and_input(5)
     assert isinstance(build_kernel(linear.weight.detach(), full_range=False), FbgemmKernel)
+    assert isinstance(build_kernel(linear.weight.detach(), full_range=True, onednn=False), FbgemmKernel)
     kernel = build_kernel(linear.weight.detach(), full_range=True)
     assert isinstance(kernel, OneDnnKernel if ONEDNN_HERE else FbgemmKernel)
 

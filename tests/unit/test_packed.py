@@ -121,7 +121,7 @@ def test_reduced_precisions_agree_with_float32_and_mixed_still_equals_alone(tiny
 def test_int8_quantises_the_smoothed_projections_and_holds_the_feed_forward_output_apart(
         tiny_model_dirs, store, monkeypatch, ffn_out_dtype):
     from service.modeling import backbone as backbone_module
-    from service.modeling.int8 import CastLinear, Int8Linear, StackedInt8Linear
+    from service.modeling.int8 import CastLinear, FbgemmKernel, Int8Linear, StackedInt8Linear
     from service.modeling.precision import Precision
 
     monkeypatch.setattr(backbone_module, "choose_precision", lambda *a, **k: Precision(
@@ -130,11 +130,16 @@ def test_int8_quantises_the_smoothed_projections_and_holds_the_feed_forward_outp
     for layer in backbone.model.encoder.layer:
         sa = layer.attention.self
         qkv = (sa.query, sa.key, sa.value)
-        assert all(isinstance(proj, StackedInt8Linear) and proj.stack is sa.query.stack for proj in qkv)
-        assert [(p.lo, p.hi) for p in qkv] == [(0, 32), (32, 64), (64, 96)]  # the tiny BERT's width: 32
-        inv_scale = sa.query.stack.inv_scale
-        assert inv_scale is not None and inv_scale.shape == (32,) and (inv_scale > 0).all()
-        for proj in (layer.attention.output.dense, layer.intermediate.dense):
+        if ffn_out_dtype is torch.float32:  # the recipe stacks query, key and value under one smoothing
+            assert all(isinstance(proj, StackedInt8Linear) and proj.stack is sa.query.stack for proj in qkv)
+            assert [(p.lo, p.hi) for p in qkv] == [(0, 32), (32, 64), (64, 96)]  # the tiny BERT's width: 32
+            inv_scale = sa.query.stack.inv_scale
+            assert inv_scale is not None and inv_scale.shape == (32,) and (inv_scale > 0).all()
+            alone: tuple[torch.nn.Module, ...] = ()
+        else:  # with a bfloat16 feed-forward output: each its own smoothing, fbgemm's kernel (docs/accuracy.md)
+            assert all(isinstance(proj.kernel, FbgemmKernel) for proj in qkv)
+            alone = qkv
+        for proj in (*alone, layer.attention.output.dense, layer.intermediate.dense):
             assert isinstance(proj, Int8Linear)
             assert proj.inv_scale.shape == (proj.in_features,) and (proj.inv_scale > 0).all()
         ffn_out = layer.output.dense
