@@ -4,8 +4,8 @@ Modes (`ADAPTER_SERVICE_DTYPE`):
 - `float32`, `float16` (CUDA only), `bfloat16`: the backbone's weights and activations in that format.
 - `int8`: the frozen backbone's query, key, value, attention output and feed-forward inner projections hold
   int8 weights (one scale per output channel) and quantise their smoothed input per token at each call
-  (`service.modeling.int8`: PyTorch's fbgemm kernels, VNNI dot products; the recipe:
-  `service.modeling.smoothing`); the feed-forward output projection computes in `int8_ffn_out_dtype`
+  (`service.modeling.int8`: oneDNN's or fbgemm's int8 kernels, VNNI dot products; the recipe:
+  `service.modeling.smoothing`, `int8.RECIPES`); the feed-forward output projection computes in `int8_ffn_out_dtype`
   (bfloat16 where the CPU computes it fast, else float32); everything else (embeddings, attention,
   LayerNorm, adapters, heads) float32. CPU only.
 - `auto`: the fastest mode whose accuracy stays within the gate of docs/accuracy.md (0.5 points of
@@ -164,8 +164,11 @@ def bf16_speedup(hidden: int = 384, reps: int = 7) -> float:
     return _speed_ratio(_ProbeLayer(hidden, "float32"), _ProbeLayer(hidden, "bfloat16"), reps)
 
 
-INT8_MIN_SPEEDUP = 1.2
-"""`auto` takes int8 only when its probe measures it at least this much faster than float32."""
+INT8_MIN_SPEEDUP = 1.1
+"""`auto` takes int8 only when its probe measures it at least this much faster than float32. Lower than
+`BF16_MIN_SPEEDUP`: the one-layer probe reads int8's gain low and noisy (1.20-1.29 in starts on an Ice Lake
+Xeon where the whole packed backbone ran 1.27x float32's speed, docs/benchmarks.md session 10), and a bar of
+1.2 flipped `auto` between the two from one start to the next."""
 
 
 def int8_speedup(hidden: int = 384, reps: int = 7, ffn_out_dtype: torch.dtype = torch.float32) -> float:
