@@ -199,51 +199,51 @@ def _rescale(z: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> tor
 
 class StackedInt8:
     """Several projections of one input (a layer's query, key and value) as one int8 matmul: their smoothed
-    weights stacked `[sum out, in]` under one `inv_scale`, the input quantised once and multiplied once; each
-    projection (`StackedInt8Linear`) takes its columns. The first of them to run computes the product, the
-    others take it: per thread (forwards run on several threads), and kept only until each has had it, so a
-    later forward never reads a stale product (a different input tensor always recomputes)."""
+    weights stacked `[sum out, in]` under one `inv_scale`, their biases stacked, the input quantised, multiplied
+    and rescaled once into one `[N, sum out]` result; each projection (`StackedInt8Linear`) answers a view of
+    its columns (so a reader that adds into its output in place, as LoRA does, touches only its own). The
+    first of them to run computes the result, the others take it: per thread (forwards run on several
+    threads), and kept only until each has had it, so a later forward never reads a stale result (a different
+    input tensor always recomputes)."""
 
-    def __init__(self, weights: list[torch.Tensor], inv_scale: torch.Tensor | None, *, full_range: bool,
-                 onednn: bool = True):
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], inv_scale: torch.Tensor | None,
+                 *, full_range: bool, onednn: bool = True):
         self.kernel = build_kernel(torch.cat([w.detach() for w in weights]), full_range=full_range, onednn=onednn)
         self.inv_scale = None if inv_scale is None else inv_scale.detach().float().clone()
+        self.bias = torch.cat([torch.zeros(w.shape[0]) if b is None else b.detach().float()
+                               for w, b in zip(weights, biases)])
         self.bounds = [0]
         for w in weights:
             self.bounds.append(self.bounds[-1] + w.shape[0])
         self.in_features = weights[0].shape[1]
         self._local = threading.local()
 
-    def product(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z [N, sum out], c [N, 1]) for input x [..., in]: computed once per input, for all the projections."""
-        held: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], int] | None = getattr(self._local, "held", None)
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """y [N, sum out] = x W^T + b of every stacked projection, for input x [..., in]: computed once per input."""
+        held: tuple[torch.Tensor, torch.Tensor, int] | None = getattr(self._local, "held", None)
         if held is not None and held[0] is x:
-            _, result, left = held
-            self._local.held = (x, result, left - 1) if left > 1 else None
-            return result
+            _, y, left = held
+            self._local.held = (x, y, left - 1) if left > 1 else None
+            return y
         x2 = x.reshape(-1, self.in_features)
         operand, c = self.kernel.quantize(x2 if self.inv_scale is None else x2 * self.inv_scale)
-        result = (self.kernel.matmul(operand), c)
+        y = _rescale(self.kernel.matmul(operand), c, self.bias)
         readers = len(self.bounds) - 1
-        self._local.held = (x, result, readers - 1) if readers > 1 else None
-        return result
+        self._local.held = (x, y, readers - 1) if readers > 1 else None
+        return y
 
 
 class StackedInt8Linear(nn.Module):
-    """Projection `index` of a `StackedInt8`: its columns of the stacked product, rescaled, plus its bias."""
+    """Projection `index` of a `StackedInt8`: a view of its columns of the stacked result."""
 
-    bias: torch.Tensor | None
-
-    def __init__(self, stack: StackedInt8, index: int, bias: torch.Tensor | None):
+    def __init__(self, stack: StackedInt8, index: int):
         super().__init__()
         self.stack, self.index = stack, index
         self.lo, self.hi = stack.bounds[index], stack.bounds[index + 1]
         self.in_features, self.out_features = stack.in_features, self.hi - self.lo
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z, c = self.stack.product(x)
-        return _rescale(z[:, self.lo : self.hi], c, self.bias).view(*x.shape[:-1], self.out_features)
+        return self.stack.product(x)[:, self.lo : self.hi].view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, stacked={self.index} of "

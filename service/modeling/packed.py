@@ -126,10 +126,23 @@ class Packing:
         return flat if self.uniform else flat.index_select(0, self.pad_index)
 
 
+def adjacent_columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """[N, 3, d] over the memory of q, k, v [N, d] where they are consecutive column blocks of one [N, 3d]
+    tensor (a stacked projection's output, `int8.StackedInt8`), so that they need no copy; else None."""
+    N, d = q.shape
+    step = d * q.element_size()
+    if (q.stride() == (3 * d, 1) and k.stride() == q.stride() and v.stride() == q.stride()
+            and k.data_ptr() == q.data_ptr() + step and v.data_ptr() == q.data_ptr() + 2 * step
+            and k.dtype == q.dtype == v.dtype):
+        return q.as_strided((N, 3, d), (3 * d, d, 1))
+    return None
+
+
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, packing: Packing) -> torch.Tensor:
     """Multi-head self-attention of packed [N, d] queries, keys and values within each row -> [N, d]."""
     N, d = q.shape
-    qkv = packing.to_padded(torch.stack((q, k, v), 1))  # [B, T, 3, d]: one scatter for the three
+    fused = adjacent_columns(q, k, v)
+    qkv = packing.to_padded(torch.stack((q, k, v), 1) if fused is None else fused)  # [B, T, 3, d]: one scatter
     B, T = qkv.shape[:2]
     qkv = qkv.view(B, T, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # [3, B, H, T, dh]
     mask = None if packing.uniform else packing.key_mask

@@ -124,13 +124,13 @@ class _ProbeLayer:
         shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
         self.proj: list[torch.nn.Module] = []
         linears = [torch.nn.Linear(n_in, n_out).eval().requires_grad_(False) for n_out, n_in in shapes]
-        qkv = (StackedInt8([lin.weight for lin in linears[:3]], torch.rand(hidden, generator=g) + 0.5,
-                           full_range=full_range, onednn=recipe.onednn)
+        qkv = (StackedInt8([lin.weight for lin in linears[:3]], [lin.bias for lin in linears[:3]],
+                           torch.rand(hidden, generator=g) + 0.5, full_range=full_range, onednn=recipe.onednn)
                if mode == "int8" and recipe.stacked_qkv else None)
         for i, linear in enumerate(linears):
             n_in = linear.in_features
             if qkv is not None and i < 3:  # query, key, value: one stacked matmul, as the recipe runs them
-                self.proj.append(StackedInt8Linear(qkv, i, linear.bias))
+                self.proj.append(StackedInt8Linear(qkv, i))
             elif mode == "int8" and i < 5:
                 self.proj.append(Int8Linear(linear.weight, linear.bias, torch.rand(n_in, generator=g) + 0.5,
                                             full_range=full_range, onednn=recipe.onednn))

@@ -126,8 +126,8 @@ def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec
             set_submodule(model, paths[0], Int8Linear(linear.weight.detach().float() * s, linear.bias, 1.0 / s,
                                                       full_range=full_range, onednn=recipe.onednn))
             continue
-        stack = StackedInt8([m.weight.detach().float() * s for m in group.values()], 1.0 / s, full_range=full_range,
-                            onednn=recipe.onednn)
-        for index, (path, linear) in enumerate(group.items()):
-            set_submodule(model, path, StackedInt8Linear(stack, index, linear.bias))
+        stack = StackedInt8([m.weight.detach().float() * s for m in group.values()], [m.bias for m in group.values()],
+                            1.0 / s, full_range=full_range, onednn=recipe.onednn)
+        for index, path in enumerate(group):
+            set_submodule(model, path, StackedInt8Linear(stack, index))
     return len(linears)

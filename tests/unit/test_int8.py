@@ -136,8 +136,8 @@ def _stacked(seed: int = 7, full_range: bool = True):
     weights = [torch.randn(n, 96, generator=g) / 10 for n in (64, 64, 32)]
     biases = [torch.randn(n, generator=g) for n in (64, 64, 32)]
     inv_scale = torch.rand(96, generator=g) + 0.5
-    stack = StackedInt8(weights, inv_scale, full_range=full_range)
-    return weights, biases, inv_scale, stack, [StackedInt8Linear(stack, i, b) for i, b in enumerate(biases)]
+    stack = StackedInt8(weights, biases, inv_scale, full_range=full_range)
+    return weights, biases, inv_scale, stack, [StackedInt8Linear(stack, i) for i in range(len(weights))]
 
 
 @pytest.mark.parametrize("full_range", [False, True])
@@ -151,6 +151,18 @@ def test_stacked_projections_equal_each_projection_quantised_alone(full_range):
             assert got.shape == (2, 20, w.shape[0]) and (proj.in_features, proj.out_features) == (96, w.shape[0])
             # the same grids (per output channel, per token): the same result up to float summation order
             torch.testing.assert_close(got, alone(x), atol=1e-5, rtol=1e-5)
+
+
+def test_each_stacked_projection_answers_its_own_columns_so_an_in_place_add_touches_no_other():
+    _, _, _, _, (q, k, v) = _stacked()
+    x = torch.randn(10, 96, generator=torch.Generator().manual_seed(11))
+    with torch.inference_mode():
+        yq = q(x)
+        want_k = k(x).clone()
+        yq.add_(1000.0)  # as LoRA adds its delta into the query's output
+        yv = v(x)
+        assert torch.equal(k(x), want_k)  # recomputed (all three had it): unchanged
+        assert yv.abs().max() < 100 and yq.data_ptr() != yv.data_ptr()
 
 
 def _count_matmuls(stack: StackedInt8, monkeypatch) -> list[int]:

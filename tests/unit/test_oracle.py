@@ -172,6 +172,29 @@ def test_mixed_batch_matches_the_oracle(cases, kind, mode):
     assert_matches_oracle(engine, case, case.uniform)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_a_mixed_batch_with_lora_equals_each_row_alone_in_the_reduced_precisions(cases, precision, mode):
+    """bfloat16 and int8 (whose query, key and value share one stacked matmul, into which LoRA adds its delta
+    in place) on the mixed batch of bottleneck and LoRA tasks: each row as it is alone, and near the oracle
+    (the bounds of tests/unit/test_packed.py's PRECISION_ATOL)."""
+    case = cases["bert"]
+    engine = Engine(load_backbone(case.model_dir, device="cpu", dtype=precision), case.store, cache_max_slots=16,
+                    **MODES[mode])
+    assert engine.backbone.precision.mode == precision
+    results = engine.run(case.mixed, keep_logits=True)
+    assert {r.task for r in case.mixed} >= {"lora-qv", "lora-all", "cls"}
+    worst = 0.0
+    for req, res in zip(case.mixed, results):
+        assert res.error is None, res.error
+        (alone,) = engine.run([req], keep_logits=True)
+        # bfloat16: a padded batch's other lengths move a logit of magnitude 2-4 by a step or two of its grid
+        # (1/64); int8: per-token scales make a row nearly independent of its batch
+        torch.testing.assert_close(res.logits, alone.logits, atol=0.04 if precision == "bfloat16" else 0.015, rtol=0)
+        worst = max(worst, (res.logits - case.expected[id(req)]).abs().max().item())
+    assert 0 < worst < 0.15, worst
+
+
 def test_the_tasks_really_differ(cases):
     """Guards the oracle test against a vacuous pass: on the same text, tasks give different outputs, and
     adapters move the hidden states away from the plain backbone."""

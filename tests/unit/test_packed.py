@@ -182,3 +182,21 @@ def test_bfloat16_packed_batches_round_their_token_count_up(tiny_model_dirs, sto
     assert all(n is not None and n % 64 == 0 for n in seen)
     for a, b in zip(mixed, alone):
         torch.testing.assert_close(a.logits, b.logits, atol=PRECISION_ATOL["bfloat16"] / 10, rtol=0)
+
+
+def test_attention_reads_adjacent_query_key_value_columns_in_place_and_gives_the_stacked_result():
+    from service.modeling.packed import Packing, adjacent_columns, packed_attention
+
+    g = torch.Generator().manual_seed(0)
+    packing = Packing.of([3, 5, 1], torch.device("cpu"))
+    fused = torch.randn(9, 3 * 8, generator=g)  # one stacked projection's output, [N, 3d]
+    q, k, v = fused[:, :8], fused[:, 8:16], fused[:, 16:]
+    assert adjacent_columns(q, k, v) is not None
+    assert adjacent_columns(q, v, k) is None and adjacent_columns(q.clone(), k, v) is None
+    separate = [t.contiguous() for t in (q, k, v)]
+    assert adjacent_columns(*separate) is None
+    torch.testing.assert_close(packed_attention(q, k, v, 2, packing), packed_attention(*separate, 2, packing),
+                               atol=0, rtol=0)
+    uniform = Packing.of([3, 3, 3], torch.device("cpu"))
+    torch.testing.assert_close(packed_attention(q, k, v, 2, uniform), packed_attention(*separate, 2, uniform),
+                               atol=0, rtol=0)
