@@ -166,9 +166,9 @@ def bf16_speedup(hidden: int = 384, reps: int = 7) -> float:
 
 INT8_MIN_SPEEDUP = 1.1
 """`auto` takes int8 only when its probe measures it at least this much faster than float32. Lower than
-`BF16_MIN_SPEEDUP`: the one-layer probe reads int8's gain low and noisy (1.20-1.29 in starts on an Ice Lake
-Xeon where the whole packed backbone ran 1.27x float32's speed, docs/benchmarks.md session 10), and a bar of
-1.2 flipped `auto` between the two from one start to the next."""
+`BF16_MIN_SPEEDUP`: the one-layer probe reads int8's gain lower and noisier than the whole packed backbone
+shows it (docs/benchmarks.md, session 10), and a bar of 1.2 flipped `auto` between int8 and float32 from one
+start to the next on a CPU where int8 ran the backbone faster in every run."""
 
 
 def int8_speedup(hidden: int = 384, reps: int = 7, ffn_out_dtype: torch.dtype = torch.float32) -> float:
