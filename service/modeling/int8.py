@@ -88,7 +88,13 @@ class OneDnnKernel:
 
     @staticmethod
     def available() -> bool:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")  # type: ignore[no-untyped-call]
+        """This PyTorch build has oneDNN's int8 linear and this CPU AVX512-VNNI (elsewhere oneDNN's int8 products
+        can saturate on 8-bit activations, as fbgemm's AVX2 path would)."""
+        from service.modeling.precision import cpu_flags  # precision imports this module lazily: no cycle
+
+        return (torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+                and hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack")
+                and full_range_activations(cpu_flags()))
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # max |x| per row from two reductions (no |x| tensor written); + 128.5 then truncation = round half up
@@ -157,7 +163,7 @@ def build_kernel(weight: torch.Tensor, *, full_range: bool, onednn: bool = True)
         x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
         got, want = (k.matmul(q) * c for k in (kernel, fbgemm) for q, c in [k.quantize(x)])
         agrees = bool(((got - want).norm() <= 0.05 * want.norm()).item())
-    except RuntimeError:
+    except (RuntimeError, AttributeError, TypeError):  # an op missing or changed in this PyTorch build
         return fbgemm
     return kernel if agrees else fbgemm
 

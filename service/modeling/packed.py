@@ -132,8 +132,9 @@ def adjacent_columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     N, d = q.shape
     step = d * q.element_size()
     if (q.stride() == (3 * d, 1) and k.stride() == q.stride() and v.stride() == q.stride()
-            and k.data_ptr() == q.data_ptr() + step and v.data_ptr() == q.data_ptr() + 2 * step
-            and k.dtype == q.dtype == v.dtype):
+            and k.shape == q.shape == v.shape and k.dtype == q.dtype == v.dtype
+            and k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+            and k.data_ptr() == q.data_ptr() + step and v.data_ptr() == q.data_ptr() + 2 * step):
         return q.as_strided((N, 3, d), (3 * d, d, 1))
     return None
 

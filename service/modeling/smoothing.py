@@ -100,18 +100,17 @@ def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec
     stacked = SHARED_INPUT_ROLES if recipe.stacked_qkv else ()
     groups: list[tuple[float, dict[str, nn.Linear]]] = []  # one smoothing (and one int8 matmul) per group
     for i, layer in enumerate(get_layers(model, spec)):
-        shared: dict[str, nn.Linear] = {}
+        members = []  # (role, alpha, path, module) of the layer's projections still plain float
         for role, alpha in ALPHAS.items():
             module = get_submodule(layer, spec.lora_target(role))
-            if type(module) is not nn.Linear:
-                continue
-            path = f"{spec.layers}.{i}.{spec.lora_target(role)}"
-            if role in stacked:
-                shared[path] = module
-            else:
-                groups.append((alpha, {path: module}))
-        if shared:
-            groups.append((STACKED_ALPHA, shared))
+            if type(module) is nn.Linear:
+                members.append((role, alpha, f"{spec.layers}.{i}.{spec.lora_target(role)}", module))
+        together = {path: module for role, _, path, module in members if role in stacked}
+        if len(together) < 2:  # nothing to stack with: each its own role's smoothing
+            together = {}
+        else:
+            groups.append((STACKED_ALPHA, together))
+        groups += [(alpha, {path: module}) for _, alpha, path, module in members if path not in together]
         ffn_out = get_submodule(layer, spec.lora_target("ffn_out"))
         if ffn_out_dtype != torch.float32 and type(ffn_out) is nn.Linear:
             set_submodule(layer, spec.lora_target("ffn_out"), CastLinear(ffn_out, ffn_out_dtype))

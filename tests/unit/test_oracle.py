@@ -173,15 +173,37 @@ def test_mixed_batch_matches_the_oracle(cases, kind, mode):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
-def test_a_mixed_batch_with_lora_equals_each_row_alone_in_the_reduced_precisions(cases, precision, mode):
-    """bfloat16 and int8 (whose query, key and value share one stacked matmul, into which LoRA adds its delta
-    in place) on the mixed batch of bottleneck and LoRA tasks: each row as it is alone, and near the oracle
-    (the bounds of tests/unit/test_packed.py's PRECISION_ATOL)."""
+@pytest.mark.parametrize("precision", ["bfloat16", "int8", "int8-ffn-out-bfloat16"])
+def test_a_mixed_batch_with_lora_equals_each_row_alone_in_the_reduced_precisions(cases, precision, mode,
+                                                                                 monkeypatch):
+    """bfloat16 and both int8 recipes (`int8.RECIPES`: with a float32 feed-forward output, query, key and value
+    share one stacked matmul into whose result LoRA adds its delta in place) on the mixed batch of bottleneck
+    and LoRA tasks: each row as it is alone, and near the oracle (the bounds of tests/unit/test_packed.py's
+    PRECISION_ATOL)."""
+    from service.modeling import backbone as backbone_module
+    from service.modeling.int8 import StackedInt8Linear
+    from service.modeling.precision import Precision
+
+    dtype, _, ffn_out = precision.partition("-ffn-out-")
+    if dtype == "int8":  # the recipe by its feed-forward output dtype, whatever this CPU's probe would pick
+        monkeypatch.setattr(backbone_module, "choose_precision", lambda *a, **k: Precision(
+            "int8", torch.float32, "test", getattr(torch, ffn_out or "float32")))
     case = cases["bert"]
-    engine = Engine(load_backbone(case.model_dir, device="cpu", dtype=precision), case.store, cache_max_slots=16,
+    engine = Engine(load_backbone(case.model_dir, device="cpu", dtype=dtype), case.store, cache_max_slots=16,
                     **MODES[mode])
-    assert engine.backbone.precision.mode == precision
+    assert engine.backbone.precision.mode == dtype
+    stacked = isinstance(engine.backbone.model.encoder.layer[0].attention.self.query.base, StackedInt8Linear)
+    assert stacked is (precision == "int8")
+    from service.modeling import packed as packed_module
+
+    fused, adjacent = [0], packed_module.adjacent_columns
+
+    def spy(q, k, v):
+        found = adjacent(q, k, v)
+        fused[0] += found is not None
+        return found
+
+    monkeypatch.setattr(packed_module, "adjacent_columns", spy)
     results = engine.run(case.mixed, keep_logits=True)
     assert {r.task for r in case.mixed} >= {"lora-qv", "lora-all", "cls"}
     worst = 0.0
@@ -193,6 +215,8 @@ def test_a_mixed_batch_with_lora_equals_each_row_alone_in_the_reduced_precisions
         torch.testing.assert_close(res.logits, alone.logits, atol=0.04 if precision == "bfloat16" else 0.015, rtol=0)
         worst = max(worst, (res.logits - case.expected[id(req)]).abs().max().item())
     assert 0 < worst < 0.15, worst
+    # packed and stacked: attention read query, key and value in place (LoRA's in-place adds kept them there)
+    assert (fused[0] > 0) is (stacked and engine.packed)
 
 
 def test_the_tasks_really_differ(cases):

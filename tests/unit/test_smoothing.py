@@ -36,3 +36,19 @@ def test_the_recipe_replaces_every_int8_role_of_every_layer_with_its_calibrated_
 def test_the_calibration_texts_ship_with_the_package():
     texts = calibration_texts()
     assert len(texts) == 256 and all(t.strip() for t in texts)
+
+
+def test_query_key_and_value_stack_only_together_and_a_lone_one_keeps_its_own_smoothing(tiny_model_dirs):
+    """With a float32 feed-forward output the recipe stacks the layer's plain query, key and value; where only
+    one of them is still a plain linear there is nothing to stack: it becomes an `Int8Linear` of its own."""
+    from service.modeling.int8 import StackedInt8Linear
+
+    backbone = load_backbone(str(tiny_model_dirs["bert"]), device="cpu", dtype="float32")
+    layers = backbone.model.encoder.layer
+    sa = layers[1].attention.self  # layer 1: key and value already taken by something else
+    sa.key, sa.value = torch.nn.Sequential(sa.key), torch.nn.Sequential(sa.value)
+    count = quantize_smoothed(backbone.model, backbone.tokenizer, backbone.spec, ffn_out_dtype=torch.float32)
+    assert count == len(ALPHAS) * len(layers) - 2
+    first, second = layers[0].attention.self, layers[1].attention.self
+    assert all(isinstance(p, StackedInt8Linear) for p in (first.query, first.key, first.value))
+    assert isinstance(second.query, Int8Linear) and type(second.key) is torch.nn.Sequential
