@@ -34,7 +34,7 @@ class ServiceSettings(BaseSettings):
         "float16; on CPU the fastest of float32 and the modes that qualify, by a start-up probe (one encoder "
         "layer timed in each mode, ~0.6 s): bfloat16 where the CPU has bfloat16 instructions (avx512_bf16 / "
         "amx_bf16) and it measures at least 1.2x float32's speed; int8 for a backbone whose int8 accuracy is "
-        "recorded within the gate (the packaged MiniLM), on a CPU with AVX512-VNNI, where it measures at least 1.2x."
+        "recorded within the gate (the packaged MiniLM), on a CPU with AVX512-VNNI, where it measures at least 1.1x."
         " `int8`: the attention and feed-forward inner projections smoothed int8 with per-token activation "
         "scales, the feed-forward output in bfloat16 where that is fast, else float32 (CPU only; "
         "docs/accuracy.md). The choice and its reason (with the measured ratios) are logged and shown by "
