@@ -58,10 +58,9 @@ def full_range_activations(flags: frozenset[str]) -> bool:
     return any(flag in flags for flag in VNNI_FLAGS)
 
 
-def _per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 quantisation of `weight` [out, in], one scale per output channel: (int8 weight, scales)."""
-    scales = (weight.abs().amax(1) / 127.0).clamp(min=1e-12)
-    return torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales
+def _channel_scales(weight: torch.Tensor) -> torch.Tensor:
+    """The symmetric int8 grid of `weight` [out, in]: one scale per output channel, max |row| / 127."""
+    return (weight.abs().amax(1) / 127.0).clamp(min=1e-12)
 
 
 class Int8Kernel(Protocol):
@@ -82,7 +81,9 @@ class OneDnnKernel:
     ZERO_POINT = 128
 
     def __init__(self, weight: torch.Tensor):
-        qweight, self.scales = _per_channel(weight.float())
+        w = weight.float()
+        self.scales = _channel_scales(w)
+        qweight = torch.round(w / self.scales[:, None]).clamp_(-127, 127).to(torch.int8)
         self.packed = torch.ops.onednn.qlinear_prepack(qweight, None)
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
 
@@ -113,12 +114,12 @@ class FbgemmKernel:
     """PyTorch's dynamic quantised linear (fbgemm) on the row-normalised input: see the module docstring."""
 
     def __init__(self, weight: torch.Tensor, *, full_range: bool):
-        qweight, scales = _per_channel(weight.float())
-        del qweight  # fbgemm quantises the float weight itself, to the same grid
+        w = weight.float()
+        scales = _channel_scales(w)
         zeros = torch.zeros_like(scales, dtype=torch.long)
         with warnings.catch_warnings():  # torch 2.13 marks quantised tensor creation as deprecated
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-            qtensor = torch.quantize_per_channel(weight.float(), scales.double(), zeros, 0, torch.qint8)
+            qtensor = torch.quantize_per_channel(w, scales.double(), zeros, 0, torch.qint8)
         self.packed = torch.ops.quantized.linear_prepack(qtensor, None)
         self.full_range = full_range
 
@@ -134,11 +135,10 @@ class FbgemmKernel:
 @dataclass(frozen=True)
 class Int8Recipe:
     """How the `int8` mode builds its layers, by the dtype of the feed-forward output projection (the one it
-    keeps out of int8). Each recipe is the one recorded within the accuracy gate with that dtype
-    (docs/accuracy.md): the oneDNN kernel's symmetric per-token grid with a bfloat16 feed-forward output cost
-    MRPC one dev pair too many, so that combination keeps fbgemm's kernel and per-role smoothing."""
+    keeps out of int8; the key of `RECIPES`). Each recipe is the one recorded within the accuracy gate with that
+    dtype (docs/accuracy.md): the oneDNN kernel's symmetric per-token grid with a bfloat16 feed-forward output
+    cost MRPC one dev pair too many, so that combination keeps fbgemm's kernel and per-role smoothing."""
 
-    ffn_out_dtype: torch.dtype
     onednn: bool
     """`OneDnnKernel` where the CPU allows it (`build_kernel`); else `FbgemmKernel` everywhere."""
     stacked_qkv: bool
@@ -146,8 +146,8 @@ class Int8Recipe:
 
 
 RECIPES = {
-    torch.float32: Int8Recipe(torch.float32, onednn=True, stacked_qkv=True),
-    torch.bfloat16: Int8Recipe(torch.bfloat16, onednn=False, stacked_qkv=False),
+    torch.float32: Int8Recipe(onednn=True, stacked_qkv=True),
+    torch.bfloat16: Int8Recipe(onednn=False, stacked_qkv=False),
 }
 """The recipe per feed-forward output dtype (see `Int8Recipe`)."""
 
@@ -254,6 +254,16 @@ class StackedInt8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, stacked={self.index} of "
                 f"{len(self.stack.bounds) - 1}, kernel={type(self.stack.kernel).__name__}")
+
+
+def int8_projections(weights: list[torch.Tensor], biases: list[torch.Tensor | None], inv_scale: torch.Tensor | None,
+                     *, full_range: bool, onednn: bool) -> list[nn.Module]:
+    """The int8 layers of projections that share one input and one smoothing (weights already multiplied by it,
+    `inv_scale` its 1 / s): one `Int8Linear` for a single projection, else one `StackedInt8`'s views, in order."""
+    if len(weights) == 1:
+        return [Int8Linear(weights[0], biases[0], inv_scale, full_range=full_range, onednn=onednn)]
+    stack = StackedInt8(weights, biases, inv_scale, full_range=full_range, onednn=onednn)
+    return [StackedInt8Linear(stack, index) for index in range(len(weights))]
 
 
 class CastLinear(nn.Module):

@@ -106,40 +106,29 @@ class _ProbeLayer:
 
     def __init__(self, hidden: int, mode: str, ffn_out_dtype: torch.dtype = torch.float32,
                  rows: int = 16, tokens: int = 32, heads: int = 12):
-        from service.modeling.int8 import (
-            RECIPES,
-            CastLinear,
-            Int8Linear,
-            StackedInt8,
-            StackedInt8Linear,
-            full_range_activations,
-        )
+        from service.modeling.int8 import RECIPES, CastLinear, full_range_activations, int8_projections
 
         g = torch.Generator().manual_seed(0)
-        full_range = full_range_activations(cpu_flags())
         recipe = RECIPES[ffn_out_dtype]
         self.dtype = torch.bfloat16 if mode == "bfloat16" else torch.float32
         self.heads = heads
         self.rows, self.x = rows, torch.randn(rows * tokens, hidden, generator=g).to(self.dtype)  # packed
         shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
-        self.proj: list[torch.nn.Module] = []
         linears = [torch.nn.Linear(n_in, n_out).eval().requires_grad_(False) for n_out, n_in in shapes]
-        qkv = (StackedInt8([lin.weight for lin in linears[:3]], [lin.bias for lin in linears[:3]],
-                           torch.rand(hidden, generator=g) + 0.5, full_range=full_range, onednn=recipe.onednn)
-               if mode == "int8" and recipe.stacked_qkv else None)
-        for i, linear in enumerate(linears):
-            n_in = linear.in_features
-            if qkv is not None and i < 3:  # query, key, value: one stacked matmul, as the recipe runs them
-                self.proj.append(StackedInt8Linear(qkv, i))
-            elif mode == "int8" and i < 5:
-                self.proj.append(Int8Linear(linear.weight, linear.bias, torch.rand(n_in, generator=g) + 0.5,
-                                            full_range=full_range, onednn=recipe.onednn))
-            elif mode == "int8" and ffn_out_dtype != torch.float32:
-                self.proj.append(CastLinear(linear, ffn_out_dtype))
-            elif mode == "bfloat16":
-                self.proj.append(prepack(linear.to(self.dtype)))  # as the bfloat16 backbone runs them
-            else:
-                self.proj.append(linear.to(self.dtype))
+        if mode == "int8":  # the five int8 projections grouped as the recipe smooths them, each group one input
+            groups = [[0, 1, 2], [3], [4]] if recipe.stacked_qkv else [[0], [1], [2], [3], [4]]
+            self.proj: list[torch.nn.Module] = []
+            for group in groups:
+                self.proj += int8_projections(
+                    [linears[i].weight for i in group], [linears[i].bias for i in group],
+                    torch.rand(hidden, generator=g) + 0.5, full_range=full_range_activations(cpu_flags()),
+                    onednn=recipe.onednn)
+            ffn_out = linears[5]
+            self.proj.append(CastLinear(ffn_out, ffn_out_dtype) if ffn_out_dtype != torch.float32 else ffn_out)
+        elif mode == "bfloat16":
+            self.proj = [prepack(linear.to(self.dtype)) for linear in linears]  # as the bfloat16 backbone runs them
+        else:
+            self.proj = [linear.to(self.dtype) for linear in linears]
         self.norms = [torch.nn.LayerNorm(hidden, dtype=self.dtype).eval() for _ in range(2)]
 
     def __call__(self) -> torch.Tensor:

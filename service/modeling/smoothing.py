@@ -29,14 +29,7 @@ import torch
 from torch import nn
 
 from service.modeling.backbone import ArchSpec, get_layers, get_submodule, set_submodule
-from service.modeling.int8 import (
-    RECIPES,
-    CastLinear,
-    Int8Linear,
-    StackedInt8,
-    StackedInt8Linear,
-    full_range_activations,
-)
+from service.modeling.int8 import RECIPES, CastLinear, full_range_activations, int8_projections
 from service.modeling.precision import cpu_flags
 
 if TYPE_CHECKING:
@@ -92,9 +85,10 @@ def smoothing_factors(input_max: torch.Tensor, weight: torch.Tensor, alpha: floa
 
 def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: ArchSpec, *,
                       ffn_out_dtype: torch.dtype = torch.float32) -> int:
-    """Apply the recipe to every layer of the frozen float32 `model`, in place: the `ALPHAS` roles smoothed and
-    replaced by `Int8Linear`s (8-bit activations where the CPU has AVX512-VNNI), the feed-forward output held
-    in `ffn_out_dtype`. Returns how many projections are int8."""
+    """Apply the recipe for `ffn_out_dtype` (`int8.RECIPES`) to every layer of the frozen float32 `model`, in
+    place: the `ALPHAS` roles smoothed and replaced by int8 layers (`int8.int8_projections`; 8-bit activations
+    where the CPU has AVX512-VNNI), the feed-forward output held in `ffn_out_dtype`. Returns how many
+    projections are int8."""
     full_range = full_range_activations(cpu_flags())
     recipe = RECIPES[ffn_out_dtype]
     stacked = SHARED_INPUT_ROLES if recipe.stacked_qkv else ()
@@ -117,16 +111,11 @@ def quantize_smoothed(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec
     linears = {path: m for _, group in groups for path, m in group.items()}
     maxima = input_maxima(model, tokenizer, linears, calibration_texts())
     for alpha, group in groups:
-        paths = list(group)
-        input_max = torch.stack([maxima[p] for p in paths]).amax(0)  # one input: the same maxima, up to hooks
+        input_max = torch.stack([maxima[p] for p in group]).amax(0)  # one input: the same maxima, up to hooks
         s = smoothing_factors(input_max, torch.cat([m.weight for m in group.values()]), alpha)
-        if len(paths) == 1:
-            linear = group[paths[0]]
-            set_submodule(model, paths[0], Int8Linear(linear.weight.detach().float() * s, linear.bias, 1.0 / s,
-                                                      full_range=full_range, onednn=recipe.onednn))
-            continue
-        stack = StackedInt8([m.weight.detach().float() * s for m in group.values()], [m.bias for m in group.values()],
-                            1.0 / s, full_range=full_range, onednn=recipe.onednn)
-        for index, path in enumerate(group):
-            set_submodule(model, path, StackedInt8Linear(stack, index))
+        layers = int8_projections([m.weight.detach().float() * s for m in group.values()],
+                                  [m.bias for m in group.values()], 1.0 / s, full_range=full_range,
+                                  onednn=recipe.onednn)
+        for path, layer in zip(group, layers):
+            set_submodule(model, path, layer)
     return len(linears)
