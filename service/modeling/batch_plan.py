@@ -3,7 +3,8 @@
 `plan_batch` sorts one batch's rows by slot so that every task is one contiguous segment (LoRAX
 `segments.py`); `pack_batches` cuts a queue of rows into batches under a row and padded-token budget,
 grouping rows of similar length to limit padding; `admit_rows` keeps out of a batch the rows whose tasks
-would not fit the device cache beside what running batches hold (S-LoRA / vLLM `max_loras` admission).
+would not fit the device cache beside what running batches hold (S-LoRA / vLLM `max_loras` admission);
+`gather_pieces` cuts a packed batch's task segments into the pieces of a gathered `[k, L]` layout.
 """
 
 from __future__ import annotations
@@ -113,3 +114,38 @@ def admit_rows(
         else:
             refused.append(i)
     return Admission(tuple(rows), tuple(refused))
+
+
+PIECE_COST = 32
+"""What one more piece of a gathered `[k, L]` layout costs, counted in padded token places: gathering its
+task's weights and one more matrix in each batched matmul (fitted on the CPU's bfloat16 gather path, where a
+place costs ~1 us and a piece ~30 us; docs/benchmarks.md, session 11)."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Tokens [start, stop) of a packed batch, all of the task in `slot`: one matrix of a gathered layout."""
+
+    slot: int
+    start: int
+    stop: int
+
+
+def gather_pieces(segments: Sequence[Piece], *, piece_cost: int = PIECE_COST, step: int = 16) -> list[Piece]:
+    """Cut task segments (token ranges) into pieces of at most L tokens, the L that makes the gathered
+    `[pieces, L]` layout cheapest: fewest padded places plus `piece_cost` places per piece, i.e. the least
+    `k(L) * (L + piece_cost)` with `k(L)` = sum of ceil(n / L). Padding every segment to the longest wastes
+    half the layout when lengths vary (a batch of 32 rows over 13 tasks: 12 to 138 tokens a task); cutting
+    too fine multiplies the pieces. Candidates: the longest segment, and multiples of `step` below it (a few
+    distinct matmul shapes). Pieces of one segment come in token order, segments in the given order."""
+    segments = [s for s in segments if s.stop > s.start]
+    if not segments:
+        return []
+    lengths = [s.stop - s.start for s in segments]
+    longest = max(lengths)
+
+    def cost(L: int) -> tuple[int, int]:
+        return sum(-(-n // L) for n in lengths) * (L + piece_cost), -L  # ties: the longer piece (fewer pieces)
+
+    L = min({longest, *range(step, longest, step)}, key=cost)
+    return [Piece(s.slot, a, min(a + L, s.stop)) for s in segments for a in range(s.start, s.stop, L)]

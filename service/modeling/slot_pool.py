@@ -25,7 +25,7 @@ from torch import nn
 from service.bundles.layout import adapter_key
 from service.bundles.manifest import INSERTION_POINTS, LORA_TARGETS, Activation, AdapterConfig, LoraConfig
 from service.modeling.backbone import ArchSpec, get_layers, get_submodule, set_submodule
-from service.modeling.batch_plan import Segment
+from service.modeling.batch_plan import Piece, Segment, gather_pieces
 from service.modeling.bottleneck import ACTIVATIONS
 from service.modeling.lora import LoraPool, RoutedLinear
 
@@ -115,11 +115,12 @@ class Routing:
     packed_bounds: tuple[tuple[int, int], ...] = ()  # per segment: its tokens' range in token_index / the packed batch
     packed: bool = False  # the forward itself is packed: layers see [N, d], segments are token ranges
     token_slots: torch.Tensor | None = None  # [N] long (packed forwards): slot of each token
-    # Packed gather: the adapter segments' tokens laid out as [k, L] (padded with token 0, never read back)
-    segment_slots: torch.Tensor | None = None  # [k] long: slot of each segment with an adapter
+    # Packed gather: the adapter segments' tokens cut into k pieces (`batch_plan.gather_pieces`) laid out as
+    # [k, L] (padded with token 0, never read back)
+    segment_slots: torch.Tensor | None = None  # [k] long: slot of each piece
     segment_tokens: torch.Tensor | None = None  # [k * L] long: token of each place of the [k, L] layout
-    real_places: torch.Tensor | None = None  # [n] long: the places of [k * L] that hold a real token
-    real_tokens: torch.Tensor | None = None  # [n] long: the token at each of those places
+    real_places: torch.Tensor | None = None  # [n] long: the places of [k * L] that hold a real token, in token order
+    adapted_runs: tuple[tuple[int, int], ...] = ()  # the token ranges those n places fill, in order
     lora_slots: frozenset[int] = frozenset()  # the slots in this batch that hold LoRA tasks
     normed_slots: frozenset[int] = frozenset()  # the slots whose adapters read the LayerNorm output
     separate_slots: frozenset[int] = frozenset()  # projection-time slots applied apart (adapter LayerNorms)
@@ -352,10 +353,11 @@ class SlotPool:
                        total_tokens: int | None = None, bucket_shapes: bool = False) -> Routing:
         """Routing for a packed forward (`service.modeling.packed`) of rows sorted by slot: each segment is
         the contiguous token range [offsets[seg.start], offsets[seg.stop]). `segment`: one matmul pair per
-        task; `gather`: the tasks' tokens laid out as [k tasks, L longest], one batched matmul pair. Tokens
+        task; `gather`: the tasks' tokens laid out as [k pieces, L], one batched matmul pair. Tokens
         past the segments, up to `total_tokens` (a batch padded to a size bucket), get no adapter.
         `bucket_shapes` rounds the gather layout up to k a multiple of 4 and L of 16, so that batches repeat
-        a few matmul shapes (see `Engine.token_bucket`)."""
+        a few matmul shapes (see `Engine.token_bucket`). The gather layout's rows are pieces of the tasks'
+        segments, cut where that pads less than it costs (`batch_plan.gather_pieces`)."""
         specs, normed, separate = self._batch_specs(segments)
         lora = frozenset(s.slot for s in segments if s.slot in self.lora.targets)
         slots = torch.tensor([s.slot for s in segments])
@@ -364,23 +366,27 @@ class SlotPool:
         row_slots = torch.tensor([s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long)
         bounds = tuple((offsets[s.start], offsets[s.stop]) for s in segments)
         gather: dict[str, torch.Tensor] = {}
-        adapted = [(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs]
-        if strategy == "gather" and adapted:
-            L, k = max(b - a for _, a, b in adapted), len(adapted)
-            if bucket_shapes:  # round the [k, L] layout up (filler segments: slot 0, zero weights, never read)
+        runs: list[tuple[int, int]] = []
+        pieces = [] if strategy != "gather" else gather_pieces(
+            [Piece(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs])
+        if pieces:
+            L, k = max(p.stop - p.start for p in pieces), len(pieces)
+            if bucket_shapes:  # round the [k, L] layout up (filler pieces: slot 0, zero weights, never read)
                 L, k = -(-L // 16) * 16, -(-k // 4) * 4
             places = torch.full((k, L), 0, dtype=torch.long)
-            for i, (_, a, b) in enumerate(adapted):
-                places[i, : b - a] = torch.arange(a, b)
-            real = torch.tensor([i * L + t for i, (_, a, b) in enumerate(adapted) for t in range(b - a)])
-            seg_slots = [slot for slot, _, _ in adapted] + [NO_ADAPTER] * (k - len(adapted))
-            gather = {"segment_slots": torch.tensor(seg_slots),
-                      "segment_tokens": places.view(-1), "real_places": real,
-                      "real_tokens": torch.cat([torch.arange(a, b) for _, a, b in adapted])}
+            for i, p in enumerate(pieces):
+                places[i, : p.stop - p.start] = torch.arange(p.start, p.stop)
+                if runs and runs[-1][1] == p.start:
+                    runs[-1] = (runs[-1][0], p.stop)
+                else:
+                    runs.append((p.start, p.stop))
+            real = torch.tensor([i * L + t for i, p in enumerate(pieces) for t in range(p.stop - p.start)])
+            seg_slots = [p.slot for p in pieces] + [NO_ADAPTER] * (k - len(pieces))
+            gather = {"segment_slots": torch.tensor(seg_slots), "segment_tokens": places.view(-1), "real_places": real}
         token_slots = F.pad(slots.repeat_interleave(counts), (0, pad), value=NO_ADAPTER).to(self.device)
         return Routing(tuple(segments), row_slots.to(self.device), specs, strategy, None, bounds, packed=True,
                        lora_slots=lora, normed_slots=normed, separate_slots=separate, token_slots=token_slots,
-                       **{k: v.to(self.device) for k, v in gather.items()},
+                       adapted_runs=tuple(runs), **{k: v.to(self.device) for k, v in gather.items()},
                        **self._lora_columns(lora, strategy))
 
     def _lora_columns(self, lora: frozenset[int], strategy: Strategy) -> dict[str, torch.Tensor]:
@@ -461,14 +467,19 @@ class SlotPool:
         """h [N, d] of a packed forward: each segment's contiguous tokens through its slot's adapter, in place."""
         if r.strategy == "gather" and r.segment_slots is not None:
             idx = r.segment_slots  # [k]
-            # `routing_packed` sets the four gather fields together
-            assert r.segment_tokens is not None and r.real_tokens is not None and r.real_places is not None
+            # `routing_packed` sets the gather fields together
+            assert r.segment_tokens is not None and r.real_places is not None
             k, d = idx.shape[0], h.shape[1]
             xs = h.index_select(0, r.segment_tokens).view(k, -1, d)  # [k, L, d]
             z = torch.baddbmm(self.down_b[p].index_select(0, idx).unsqueeze(1), xs, self.down_w[p].index_select(0, idx))
             z = self._activate_segments(z, idx, r)
             y = torch.baddbmm(self.up_b[p].index_select(0, idx).unsqueeze(1), z, self.up_w[p].index_select(0, idx))
-            return h.index_add_(0, r.real_tokens, y.view(-1, d).index_select(0, r.real_places))
+            ys = y.view(-1, d).index_select(0, r.real_places)  # [n, d]: the adapted tokens' outputs, in token order
+            o = 0
+            for a, b in r.adapted_runs:  # a plain add per run of adapted tokens (index_add_ is slower on CPU)
+                h[a:b].add_(ys[o : o + b - a])
+                o += b - a
+            return h
         todo = []
         for (a, b), seg in zip(r.packed_bounds, r.segments):
             views = self._views.get(seg.slot)
@@ -507,7 +518,7 @@ class SlotPool:
         return z
 
     def _activate_segments(self, z: torch.Tensor, segment_slots: torch.Tensor, r: Routing) -> torch.Tensor:
-        """z [k, L, m] of a packed gather: each adapter segment's activation (one call when they agree)."""
+        """z [k, L, m] of a packed gather: each piece's activation (one call when the tasks agree)."""
         acts = [r.specs[slot].activation if slot in r.specs else None for slot in segment_slots.tolist()]
         if len(set(acts) - {None}) == 1:  # filler segments (None) are never read: any activation will do
             return ACTIVATIONS[next(a for a in acts if a is not None)](z)

@@ -2,7 +2,15 @@
 
 import pytest
 
-from service.modeling.batch_plan import Admission, Segment, admit_rows, pack_batches, plan_batch
+from service.modeling.batch_plan import (
+    Admission,
+    Piece,
+    Segment,
+    admit_rows,
+    gather_pieces,
+    pack_batches,
+    plan_batch,
+)
 
 
 @pytest.mark.parametrize(
@@ -74,6 +82,41 @@ def test_pack_batches_counts_real_tokens_for_packed_forwards(lengths, max_rows, 
 def test_pack_batches_rejects_empty_budget():
     with pytest.raises(ValueError):
         pack_batches([1], 0, 10)
+
+
+
+@pytest.mark.parametrize(
+    "lengths, piece_cost, piece_lengths",
+    [
+        ([], 32, []),
+        ([5], 32, [5]),
+        # alike lengths: padding to the longest costs nothing worth a cut
+        ([40, 44, 48], 32, [40, 44, 48]),
+        # one long task among short ones: cut it to the short ones' length (3 pieces of 32 + the short ones
+        # cost 6 x (32 + 32) = 384 places; padding all to 96 costs 4 x (96 + 32) = 512)
+        ([96, 20, 30, 32], 32, [32, 32, 32, 20, 30, 32]),
+        # the same with pieces that cost more than the padding they save: no cut
+        ([96, 20, 30, 32], 300, [96, 20, 30, 32]),
+        # free pieces: the finest step
+        ([40, 8], 0, [16, 16, 8, 8]),
+        # a session's batch (32 rows over 12 tasks): cut at 64
+        ([13, 18, 23, 26, 31, 49, 51, 51, 63, 66, 87, 138], 32,
+         [13, 18, 23, 26, 31, 49, 51, 51, 63, 64, 2, 64, 23, 64, 64, 10]),
+        # empty segments carry no tokens and give no piece
+        ([0, 7], 32, [7]),
+    ],
+)
+def test_gather_pieces_cuts_where_it_pads_less_than_it_costs(lengths, piece_cost, piece_lengths):
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    segments = [Piece(slot, a, a + n) for slot, (a, n) in enumerate(zip(starts, lengths), start=1)]
+    pieces = gather_pieces(segments, piece_cost=piece_cost)
+    assert [p.stop - p.start for p in pieces] == piece_lengths
+    # the pieces tile each segment in token order, one slot each
+    for seg in segments:
+        own = [p for p in pieces if p.slot == seg.slot]
+        assert [(p.start, p.stop) for p in own] == sorted((p.start, p.stop) for p in own)
+        assert sum(p.stop - p.start for p in own) == seg.stop - seg.start
+        assert not own or (own[0].start, own[-1].stop) == (seg.start, seg.stop)
 
 
 A, B, C, D = ("a", 1), ("b", 1), ("c", 1), ("d", 1)

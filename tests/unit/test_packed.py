@@ -69,6 +69,38 @@ def test_the_packed_forward_equals_the_padded_one(tiny_model_dirs, store, kind, 
         torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
 
 
+
+def test_a_gather_layout_cut_into_pieces_equals_the_segment_path(tiny_model_dirs, store):
+    """One task with many long rows beside tasks with one short row: the packed gather layout cuts the long
+    task into pieces (`batch_plan.gather_pieces`), and rows without an adapter split the adapted tokens into
+    several runs; every row equals the segment path's (float32, atol 1e-5)."""
+    path = str(tiny_model_dirs["bert"])
+    gather, segment = (Engine(load_backbone(path, device="cpu", dtype="float32"), store, cache_max_slots=16,
+                              packing="on", strategy=strategy, max_seq_length=128) for strategy in ("gather", "segment"))
+    fill(store, gather.backbone.ref)
+    reqs = []
+    for task, _, _ in TASKS[:3]:  # cls (long rows), multi, reg: short rows
+        manifest = gather.store.get_info(task, 1).manifest
+        texts = [LONG, LONG, TEXTS[2], LONG] if task == "cls" else ["ok"]
+        reqs += gather.requests(task, 1, manifest, gather.encode(manifest, texts))
+    reqs += [RowRequest(None, 0, r) for r in gather.encode(None, ["plain row", "another plain row"])]
+    seen = []
+    original = gather.pool.routing_packed
+
+    def spy(*args, **kwargs):
+        seen.append(routing := original(*args, **kwargs))
+        return routing
+
+    gather.pool.routing_packed = spy
+    for a, b in zip(gather.run(reqs, keep_logits=True), segment.run(reqs, keep_logits=True)):
+        assert a.error is None and b.error is None, (a.error, b.error)
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    (routing,) = seen
+    slots = routing.segment_slots.tolist()
+    assert len(slots) > len(set(slots))  # the long task was cut into several pieces
+    assert len(routing.adapted_runs) >= 1 and sum(b - a for a, b in routing.adapted_runs) == len(routing.real_places)
+
+
 def test_packing_places_tokens_and_pools_per_row():
     p = Packing.of([3, 1, 2], torch.device("cpu"))
     assert p.offsets == (0, 3, 4, 6) and p.tokens == 6 and p.max_length == 3 and not p.uniform
