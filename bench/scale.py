@@ -134,6 +134,31 @@ def zipf_draws(names: list[str], n: int, s: float, seed: int) -> list[int]:
     return random.Random(seed).choices(range(len(names)), weights=weights, k=n)
 
 
+SERVER_COUNTERS = ("adapter_service_batch_seconds_count", "adapter_service_batch_seconds_sum",
+                   "adapter_service_batch_size_sum", "adapter_service_batch_tasks_sum",
+                   "adapter_service_adapter_load_seconds_count", "adapter_service_adapter_load_seconds_sum")
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """The server's cumulative forward and load counters (its /metrics)."""
+    with httpx.Client(base_url=url) as client:
+        text = client.get("/metrics").text
+    got = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(SERVER_COUNTERS)}
+    return {name: got.get(name, 0.0) for name in SERVER_COUNTERS}
+
+
+def phase_counters(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the server did in one phase: forwards (rows and distinct tasks each, seconds a row) and device-cache
+    loads (count, seconds a row): where a Zipf phase's extra time goes on the forward workers."""
+    d = {k: after[k] - before[k] for k in SERVER_COUNTERS}
+    forwards, rows = d["adapter_service_batch_seconds_count"], d["adapter_service_batch_size_sum"]
+    return {"forwards": int(forwards), "rows_per_forward": round(rows / max(forwards, 1), 1),
+            "tasks_per_forward": round(d["adapter_service_batch_tasks_sum"] / max(forwards, 1), 1),
+            "forward_ms_per_row": round(1e3 * d["adapter_service_batch_seconds_sum"] / max(rows, 1), 3),
+            "loads": int(d["adapter_service_adapter_load_seconds_count"]),
+            "load_ms_per_row": round(1e3 * d["adapter_service_adapter_load_seconds_sum"] / max(rows, 1), 3)}
+
+
 async def phase(url: str, names: list[str], ranks: list[int], hot: int | None, concurrency: int, seed: int):
     """One closed-loop run; `hot`: map each rank onto one of the first `hot` tasks."""
     draws = [names[r % hot] if hot else names[r] for r in ranks]
@@ -207,15 +232,20 @@ def main() -> None:
                 hot = args.hot if kind == "hot" else None
                 warm = zipf_draws(names, args.warmup, args.zipf, seed=100 + rnd)
                 asyncio.run(phase(url, names, warm, hot, args.concurrency, seed=50 + rnd))
+                before = server_counters(url)
                 res = asyncio.run(phase(url, names, zipf_draws(names, args.requests, args.zipf, seed=rnd), hot,
                                         args.concurrency, seed=rnd)).summary()
+                res["server"] = phase_counters(before, server_counters(url))
                 res["distinct_tasks"] = len({r % args.hot if hot else r
                                              for r in zipf_draws(names, args.requests, args.zipf, seed=rnd)})
                 failed |= res["errors"] > 0
                 got[kind] = res
+                srv = res["server"]
                 print(f"round {rnd + 1} {kind:>4}: {res['req_per_s']} req/s, p50 {res['p50_ms']} ms, p99 "
                       f"{res['p99_ms']} ms, {res['distinct_tasks']} distinct tasks, errors {res['errors']} "
-                      f"{res['error_kinds']}", flush=True)
+                      f"{res['error_kinds']}; server: {srv['forwards']} forwards of {srv['rows_per_forward']} rows "
+                      f"({srv['tasks_per_forward']} tasks), {srv['forward_ms_per_row']} ms a row; {srv['loads']} "
+                      f"loads, {srv['load_ms_per_row']} ms a row", flush=True)
             got["zipf_over_hot"] = round(got["zipf"]["req_per_s"] / got["hot"]["req_per_s"], 3)
             rounds.append(got)
         report["rounds"] = rounds

@@ -1,4 +1,5 @@
-"""Device cache of task adapters + heads: `task@version` -> slot, bounded by bytes and slots, LRU.
+"""Device cache of task adapters + heads: `task@version` -> slot, bounded by bytes and slots, evicting in
+segmented-LRU order (`service.runtime.eviction`: tasks used again outlive tasks used once).
 
 - The cache owns the task -> slot map; layers only see slot indices.
 - Lazy: a task loads on first use; one load per key at a time (per-key lock, checked again after taking it).
@@ -26,6 +27,7 @@ from service.errors import BundleInvalid, CacheFull
 from service.kinds.heads import TaskHead
 from service.modeling.heads import build_head
 from service.modeling.slot_pool import SlotPool
+from service.runtime.eviction import SegmentedLru
 
 Key = tuple[str, int]
 
@@ -99,7 +101,8 @@ class AdapterCache:
         self._on_evict_hook = on_evict
         self._on_load_hook = on_load
         self.admission_timeout_s = admission_timeout_s
-        self._entries: OrderedDict[Key, CacheEntry] = OrderedDict()  # LRU order: oldest first
+        self._entries: dict[Key, CacheEntry] = {}
+        self._order: SegmentedLru[Key] = SegmentedLru(max_slots)  # eviction order of the entries
         self._free_slots = list(range(max_slots, 0, -1))  # pop() gives the lowest free slot
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)  # notified whenever a pin or a slot is given back
@@ -190,7 +193,7 @@ class AdapterCache:
             if entry is None or entry.state is not EntryState.READY or entry.doomed:
                 return None
             entry.pins += 1
-            self._entries.move_to_end(key)
+            self._order.touch(key)
             self.stats.hits += 1
             return entry
 
@@ -211,6 +214,7 @@ class AdapterCache:
                 slot = self._reserve(nbytes, task, version, wait_s)
                 entry = CacheEntry(task, version, slot, nbytes, bundle.manifest, head, pins=1)
                 self._entries[entry.key] = entry
+                self._order.add(entry.key)
                 self.stats.resident_bytes += nbytes
                 self.stats.resident_entries += 1
         except BaseException:
@@ -245,16 +249,17 @@ class AdapterCache:
         return entry
 
     def _reserve(self, nbytes: int, task: str, version: int, wait_s: float) -> int:
-        """Evict LRU unpinned entries until `nbytes` and one slot fit; return the slot. While every slot (or
-        byte) is pinned, wait for a release, up to `wait_s` seconds. Caller holds the lock."""
+        """Evict unpinned entries, in eviction order, until `nbytes` and one slot fit; return the slot. While
+        every slot (or byte) is pinned, wait for a release, up to `wait_s` seconds. Caller holds the lock."""
         if nbytes > self.max_bytes:
             raise CacheFull(f"{task}@{version} needs {nbytes} bytes on the device, more than the whole cache "
                             f"budget of {self.max_bytes} bytes (ADAPTER_SERVICE_CACHE_MAX_BYTES)")
         deadline, waited_since = 0.0, None
         while True:
-            for entry in list(self._entries.values()):  # oldest first
+            for key in self._order.victims():
                 if self._fits(nbytes):
                     break
+                entry = self._entries[key]
                 if entry.pins == 0 and entry.state is EntryState.READY:
                     self._evict(entry)
             now = time.perf_counter()
@@ -278,7 +283,7 @@ class AdapterCache:
         return bool(self._free_slots) and self.stats.resident_bytes + nbytes <= self.max_bytes
 
     def _evict(self, entry: CacheEntry) -> None:
-        """The LRU's removal callback. Caller holds the lock; the entry is unpinned."""
+        """The eviction callback. Caller holds the lock; the entry is unpinned."""
         entry.state = EntryState.EVICTED
         self._drop(entry)
         if not entry.doomed and entry.version > 0:  # smoke tests use negative versions: never reloaded
@@ -292,6 +297,7 @@ class AdapterCache:
     def _drop(self, entry: CacheEntry) -> None:
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
+            self._order.remove(entry.key)
         self.pool.forget(entry.slot)
         self._free_slots.append(entry.slot)
         self._free_slots.sort(reverse=True)

@@ -1,4 +1,4 @@
-"""Device cache: byte and slot budgets, LRU eviction, pins under concurrency, single-flight loads."""
+"""Device cache: byte and slot budgets, segmented-LRU eviction, pins under concurrency, single-flight loads."""
 
 from __future__ import annotations
 
@@ -74,6 +74,23 @@ def test_lru_eviction_respects_the_byte_budget(tiny_backbone):
     assert cache.stats.hits == 1 and cache.stats.misses == 4 and cache.stats.evictions == 1
     assert cache.stats.load_seconds_total > 0
 
+
+
+def test_tasks_used_once_do_not_push_out_tasks_used_again(tiny_backbone):
+    """Four tasks used twice each, then four one-off tasks through a cache of five slots: the one-off tasks
+    only evict each other (a plain LRU would have evicted three of the four), so the four come back as hits."""
+    fetch = Fetcher(tiny_backbone.ref)
+    cache = make_cache(tiny_backbone, fetch, entries_that_fit=100, slots=5)
+    for _ in range(2):
+        for t in TASKS[:4]:
+            cache.release(cache.acquire(t, 1))
+    for t in TASKS[4:]:
+        cache.release(cache.acquire(t, 1))
+    assert {e.task for e in cache.resident()} == {*TASKS[:4], TASKS[7]}
+    for t in TASKS[:4]:
+        cache.release(cache.acquire(t, 1))
+    assert all(fetch.calls[(t, 1)] == 1 for t in TASKS)  # each fetched once: no reload
+    assert cache.stats.misses == 8 and cache.stats.evictions == 3 and cache.stats.hits == 8
 
 def test_slot_budget_is_respected(tiny_backbone):
     fetch = Fetcher(tiny_backbone.ref)
