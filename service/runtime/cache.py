@@ -3,7 +3,7 @@ segmented-LRU order (`service.runtime.eviction`: tasks used again outlive tasks 
 
 - The cache owns the task -> slot map; layers only see slot indices.
 - Lazy: a task loads on first use; one load per key at a time (per-key lock, checked again after taking it).
-- Entries pinned by in-flight batches are never evicted; eviction is a callback of the LRU.
+- Entries pinned by in-flight batches are never evicted; eviction is a callback, in the eviction order.
 - A load that finds every slot (or byte) pinned waits for a release, up to `admission_timeout_s`, instead
   of failing: the batcher admits only batches that fit (`service.runtime.batcher`), so such waits are short
   (an upload's smoke test or a pre-load holding a slot for one forward).
@@ -78,7 +78,7 @@ def footprint(manifest: Manifest, dtype: torch.dtype) -> int:
 
 
 class AdapterCache:
-    """LRU of resident task weights, pinned while in use. Thread-safe."""
+    """Resident task weights, pinned while in use, evicted in segmented-LRU order. Thread-safe."""
 
     def __init__(
         self,
