@@ -31,6 +31,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
+from service.cluster.signed_get import MISSING_CODES, ObjectNotFound, SignedGet
 from service.errors import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".safetensors"
-_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,6 @@ class StoredObject:
     key: str
     size: int
     last_modified: datetime
-
-
-class ObjectNotFound(StoreUnavailable):
-    """A key the registry names is not in the bucket (deleted behind the service's back, or a wrong bucket)."""
 
 
 class S3Bucket:
@@ -73,10 +69,13 @@ class S3Bucket:
             s3={"addressing_style": "path"},  # MinIO, SeaweedFS and plain hostnames need path-style
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
         )
-        self.client: Any = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint, aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key,
-            config=config,
-        )
+        session = boto3.session.Session(aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key)
+        self.client: Any = session.client("s3", endpoint_url=endpoint, config=config)
+        # Object reads (every cold load of a task not cached on disk) skip the client's per-call machinery
+        # (`service.cluster.signed_get`); without credentials to sign with, they go through the client too.
+        credentials = session.get_credentials()
+        self._read = None if credentials is None else SignedGet(
+            self.client, credentials, bucket, timeout_s=timeout_s, max_connections=max_connections)
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> S3Bucket:
@@ -117,8 +116,11 @@ class S3Bucket:
 
     def get(self, key: str, sha256: str) -> bytes:
         """The object's bytes, checked against `sha256` (a mismatch is StoreUnavailable, never served)."""
-        with self.errors(f"reading {key}"):
-            data: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        if self._read is not None:
+            data = self._read(key, self.where)
+        else:
+            with self.errors(f"reading {key}"):
+                data = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         if hashlib.sha256(data).hexdigest() != sha256:
             raise StoreUnavailable(f"object store ({self.where}) returned {key} with the wrong checksum")
         return data
@@ -167,7 +169,7 @@ class S3Bucket:
             yield
         except botocore.exceptions.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in _MISSING_CODES or code == "NoSuchBucket":
+            if code in MISSING_CODES:
                 raise ObjectNotFound(f"object store ({self.where}): {doing}: not found ({code})") from exc
             raise StoreUnavailable(f"object store ({self.where}) refused {doing}: {code or exc}") from exc
         except (botocore.exceptions.BotoCoreError, OSError) as exc:

@@ -17,7 +17,7 @@ from service.cluster.blob_cache import DiskBlobCache
 from service.cluster.blobs import BlobKind
 from service.cluster.gc import collect_garbage
 from service.cluster.migrate import migrate_to_bucket
-from service.cluster.object_store import S3Bucket
+from service.cluster.object_store import ObjectNotFound, S3Bucket
 from service.cluster.redis_store import ImportOutcome, RedisAdapterStore
 from service.cluster.s3_store import MoveOutcome, S3RedisAdapterStore
 from service.errors import StoreUnavailable
@@ -222,3 +222,41 @@ def test_the_store_commands_migrate_and_collect(s3_store, seaweed, monkeypatch, 
     refused = runner.invoke(app, ["store", "gc"])
     assert refused.exit_code == 2 and "ADAPTER_SERVICE_S3_ENDPOINT" in refused.output
     redis_only.close()
+
+
+def test_object_reads_are_signed_gets_that_answer_like_the_client(s3_store, seaweed, monkeypatch):
+    """Reads go through `SignedGet` (a SigV4-signed plain GET), never the boto3 client's get_object; they
+    return the exact bytes, say not found for a missing key, refused for wrong credentials (the credentials
+    in no message), unreachable for a dead endpoint; without credentials to sign with, the client reads."""
+    data = bundle(seed=4)
+    info = s3_store.put("sst2", data)
+    key = s3_store.bucket.key_for("sst2", info.sha256)
+
+    def no_client_reads(**kwargs):
+        raise AssertionError("read through the boto3 client")
+
+    monkeypatch.setattr(s3_store.bucket.client, "get_object", no_client_reads)
+    assert s3_store.bucket.get(key, info.sha256) == data
+    with pytest.raises(ObjectNotFound, match=r"not found \(NoSuchKey\)"):
+        s3_store.bucket.get(s3_store.bucket.key_for("sst2", "0" * 64), "0" * 64)
+    monkeypatch.undo()
+
+    wrong = S3Bucket(endpoint=seaweed.endpoint, bucket=seaweed.bucket, prefix=s3_store.bucket.prefix,
+                     access_key_id=ACCESS_KEY, secret_access_key="wrong-secret-value")
+    with pytest.raises(StoreUnavailable, match=r"refused reading .*HTTP 403") as err:
+        wrong.get(key, info.sha256)
+    assert "wrong-secret-value" not in err.value.message and not isinstance(err.value, ObjectNotFound)
+    down = S3Bucket(endpoint=f"http://127.0.0.1:{free_port()}", bucket=seaweed.bucket, access_key_id=ACCESS_KEY,
+                    secret_access_key=SECRET_KEY, timeout_s=0.5)
+    with pytest.raises(StoreUnavailable, match="unreachable while reading"):
+        down.get(key, info.sha256)
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    anonymous = S3Bucket(endpoint=seaweed.endpoint, bucket=seaweed.bucket, timeout_s=0.5)
+    assert anonymous._read is None  # nothing to sign with: the client reads (and the bucket refuses it)
+    with pytest.raises(StoreUnavailable):
+        anonymous.get(key, info.sha256)
