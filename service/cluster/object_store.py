@@ -13,7 +13,8 @@ too, then reads the object's head back and compares size and checksum before it 
 
 Every failure to reach the bucket (refused, timed out, access denied, no such bucket) is `StoreUnavailable`
 with a message naming the endpoint and bucket, never the credentials, which live only inside the boto3
-client (from `SecretStr` settings, or boto3's own chain: environment, instance profile, IRSA).
+session (from `SecretStr` settings, or boto3's own chain: environment, instance profile, IRSA) and the signer
+of object reads (`service.cluster.signed_get`), never in a repr.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from service.cluster.signed_get import MISSING_CODES, ObjectNotFound, SignedGet
+from service.cluster.signed_get import MISSING_CODES, ClientRead, ObjectNotFound, SignedGet
 from service.errors import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -69,13 +70,19 @@ class S3Bucket:
             s3={"addressing_style": "path"},  # MinIO, SeaweedFS and plain hostnames need path-style
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
         )
+        if (access_key_id is None) != (secret_access_key is None):
+            raise ValueError("an S3 access key id and secret access key go together: set both or neither")
+        if any(part in (".", "..") for part in self.prefix.split("/")):
+            raise ValueError(f"the S3 key prefix {prefix!r} has a '.' or '..' segment")
         session = boto3.session.Session(aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key)
         self.client: Any = session.client("s3", endpoint_url=endpoint, config=config)
         # Object reads (every cold load of a task not cached on disk) skip the client's per-call machinery
-        # (`service.cluster.signed_get`); without credentials to sign with, they go through the client too.
+        # where they can (`service.cluster.signed_get`): with credentials to sign with and no proxy.
         credentials = session.get_credentials()
-        self._read = None if credentials is None else SignedGet(
-            self.client, credentials, bucket, timeout_s=timeout_s, max_connections=max_connections)
+        self._read = SignedGet(
+            self.client, credentials, bucket, ca_bundle=session._session.get_config_variable("ca_bundle"),
+            timeout_s=timeout_s, max_connections=max_connections,
+        ) if SignedGet.usable(self.client, credentials) else None
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> S3Bucket:
@@ -116,9 +123,11 @@ class S3Bucket:
 
     def get(self, key: str, sha256: str) -> bytes:
         """The object's bytes, checked against `sha256` (a mismatch is StoreUnavailable, never served)."""
+        data = None
         if self._read is not None:
-            data = self._read(key, self.where)
-        else:
+            with contextlib.suppress(ClientRead):  # an answer the client handles (redirect, throttling, refusal)
+                data = self._read(key, self.where)
+        if data is None:
             with self.errors(f"reading {key}"):
                 data = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         if hashlib.sha256(data).hexdigest() != sha256:

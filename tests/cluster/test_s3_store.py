@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime, timedelta, timezone
+from io import BytesIO
 
 import pytest
 from typer.testing import CliRunner
@@ -225,38 +226,58 @@ def test_the_store_commands_migrate_and_collect(s3_store, seaweed, monkeypatch, 
 
 
 def test_object_reads_are_signed_gets_that_answer_like_the_client(s3_store, seaweed, monkeypatch):
-    """Reads go through `SignedGet` (a SigV4-signed plain GET), never the boto3 client's get_object; they
-    return the exact bytes, say not found for a missing key, refused for wrong credentials (the credentials
-    in no message), unreachable for a dead endpoint; without credentials to sign with, the client reads."""
+    """Reads go through `SignedGet` (a SigV4-signed plain GET), not the boto3 client's get_object: the exact
+    bytes, and not found for a missing key. Any other answer (here a refusal: wrong credentials) is read again
+    through the client, which maps it as every other call (the credentials in no message); a dead endpoint is
+    unreachable at once. Without credentials to sign with, or behind a proxy, the client reads."""
     data = bundle(seed=4)
     info = s3_store.put("sst2", data)
     key = s3_store.bucket.key_for("sst2", info.sha256)
+    client_reads = []
+    real_get_object = s3_store.bucket.client.get_object
 
-    def no_client_reads(**kwargs):
-        raise AssertionError("read through the boto3 client")
+    def counted(**kwargs):
+        client_reads.append(kwargs["Key"])
+        return real_get_object(**kwargs)
 
-    monkeypatch.setattr(s3_store.bucket.client, "get_object", no_client_reads)
+    monkeypatch.setattr(s3_store.bucket.client, "get_object", counted)
     assert s3_store.bucket.get(key, info.sha256) == data
     with pytest.raises(ObjectNotFound, match=r"not found \(NoSuchKey\)"):
         s3_store.bucket.get(s3_store.bucket.key_for("sst2", "0" * 64), "0" * 64)
-    monkeypatch.undo()
+    assert client_reads == []
 
     wrong = S3Bucket(endpoint=seaweed.endpoint, bucket=seaweed.bucket, prefix=s3_store.bucket.prefix,
                      access_key_id=ACCESS_KEY, secret_access_key="wrong-secret-value")
-    with pytest.raises(StoreUnavailable, match=r"refused reading .*HTTP 403") as err:
+    wrong_reads, wrong_get_object = [], wrong.client.get_object
+    monkeypatch.setattr(wrong.client, "get_object", lambda **kw: wrong_reads.append(kw) or wrong_get_object(**kw))
+    with pytest.raises(StoreUnavailable, match=r"refused reading .*SignatureDoesNotMatch") as err:
         wrong.get(key, info.sha256)
-    assert "wrong-secret-value" not in err.value.message and not isinstance(err.value, ObjectNotFound)
+    assert wrong_reads and "wrong-secret-value" not in err.value.message
+    assert not isinstance(err.value, ObjectNotFound)
     down = S3Bucket(endpoint=f"http://127.0.0.1:{free_port()}", bucket=seaweed.bucket, access_key_id=ACCESS_KEY,
                     secret_access_key=SECRET_KEY, timeout_s=0.5)
     with pytest.raises(StoreUnavailable, match="unreachable while reading"):
         down.get(key, info.sha256)
 
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # a proxy the signed path would not go through
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert S3Bucket(endpoint=seaweed.endpoint, bucket=seaweed.bucket, access_key_id=ACCESS_KEY,
+                    secret_access_key=SECRET_KEY)._read is None
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.setattr("boto3.session.Session.get_credentials", lambda self: None)
     anonymous = S3Bucket(endpoint=seaweed.endpoint, bucket=seaweed.bucket, timeout_s=0.5)
-    assert anonymous._read is None  # nothing to sign with: the client reads (and the bucket refuses it)
-    with pytest.raises(StoreUnavailable):
-        anonymous.get(key, info.sha256)
+    assert anonymous._read is None  # nothing to sign with
+    anonymous_reads = []
+    monkeypatch.setattr(anonymous.client, "get_object", lambda **kw: anonymous_reads.append(kw) or {"Body": BytesIO(data)})
+    assert anonymous.get(key, info.sha256) == data and len(anonymous_reads) == 1  # the client reads
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(access_key_id="id-only"), "set both or neither"),
+    (dict(secret_access_key="secret-only"), "set both or neither"),
+    (dict(prefix="bundles/../other"), "'..' segment"),
+])
+def test_a_bucket_refuses_half_credentials_and_dot_segments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        S3Bucket(endpoint="http://127.0.0.1:1", bucket="b", **kwargs)

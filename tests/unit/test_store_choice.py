@@ -47,3 +47,14 @@ def test_no_disk_cache_with_a_zero_budget(tmp_path):
 def test_an_s3_endpoint_without_redis_is_refused(tmp_path):
     with pytest.raises(ConfigurationError, match="needs ADAPTER_SERVICE_REDIS_URL"):
         make_store(settings(tmp_path, s3_endpoint="http://127.0.0.1:1"))
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(s3_access_key_id="AKID"), "go together: set both or neither"),
+    (dict(s3_secret_access_key="s3cr3t"), "go together: set both or neither"),
+    (dict(s3_prefix="bundles/../elsewhere"), r"must not have '\.' or '\.\.' segments"),
+])
+def test_half_s3_credentials_and_dot_segments_are_refused_at_start(tmp_path, values, message):
+    with pytest.raises(ValueError, match=message) as err:
+        settings(tmp_path, redis_url=REDIS, s3_endpoint="http://127.0.0.1:1", **values)
+    assert "s3cr3t" not in str(err.value) and "AKID" not in str(err.value)
