@@ -131,21 +131,29 @@ class Piece:
     stop: int
 
 
-def gather_pieces(segments: Sequence[Piece], *, piece_cost: int = PIECE_COST, step: int = 16) -> list[Piece]:
+def gather_pieces(segments: Sequence[Piece], *, piece_cost: int = PIECE_COST, step: int = 16,
+                  round_pieces: int = 1, round_length: int = 1) -> list[Piece]:
     """Cut task segments (token ranges) into pieces of at most L tokens, the L that makes the gathered
     `[pieces, L]` layout cheapest: fewest padded places plus `piece_cost` places per piece, i.e. the least
-    `k(L) * (L + piece_cost)` with `k(L)` = sum of ceil(n / L). Padding every segment to the longest wastes
-    half the layout when lengths vary (a batch of 32 rows over 13 tasks: 12 to 138 tokens a task); cutting
-    too fine multiplies the pieces. Candidates: the longest segment, and multiples of `step` below it (a few
-    distinct matmul shapes). Pieces of one segment come in token order, segments in the given order."""
+    `k(L) * (L + piece_cost)` with `k(L)` = sum of ceil(n / L), each of k and L first rounded up to a multiple
+    of `round_pieces` / `round_length` where the layout is (`SlotPool.routing_packed`'s `bucket_shapes`).
+    Padding every segment to the longest wastes half the layout when lengths vary (a batch of 32 rows over 12
+    tasks: 13 to 138 tokens a task); cutting too fine multiplies the pieces. Candidates: the longest segment,
+    and multiples of `step` below it (a few distinct matmul shapes). Pieces of one segment come in token
+    order, segments in the given order."""
     segments = [s for s in segments if s.stop > s.start]
     if not segments:
         return []
     lengths = [s.stop - s.start for s in segments]
     longest = max(lengths)
 
+    def up(n: int, multiple: int) -> int:
+        return -(-n // multiple) * multiple
+
     def cost(L: int) -> tuple[int, int]:
-        return sum(-(-n // L) for n in lengths) * (L + piece_cost), -L  # ties: the longer piece (fewer pieces)
+        pieces = sum(-(-n // L) for n in lengths)
+        # ties: the longer piece (fewer pieces)
+        return up(pieces, round_pieces) * (up(L, round_length) + piece_cost), -L
 
     L = min({longest, *range(step, longest, step)}, key=cost)
     return [Piece(s.slot, a, min(a + L, s.stop)) for s in segments for a in range(s.start, s.stop, L)]

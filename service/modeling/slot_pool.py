@@ -119,8 +119,8 @@ class Routing:
     # [k, L] (padded with token 0, never read back)
     segment_slots: torch.Tensor | None = None  # [k] long: slot of each piece
     segment_tokens: torch.Tensor | None = None  # [k * L] long: token of each place of the [k, L] layout
-    real_places: torch.Tensor | None = None  # [n] long: the places of [k * L] that hold a real token, in token order
-    adapted_runs: tuple[tuple[int, int], ...] = ()  # the token ranges those n places fill, in order
+    real_places: torch.Tensor | None = None  # [n] long: the places of [k * L] that hold a real token
+    real_tokens: torch.Tensor | None = None  # [n] long: the token at each of those places
     lora_slots: frozenset[int] = frozenset()  # the slots in this batch that hold LoRA tasks
     normed_slots: frozenset[int] = frozenset()  # the slots whose adapters read the LayerNorm output
     separate_slots: frozenset[int] = frozenset()  # projection-time slots applied apart (adapter LayerNorms)
@@ -366,9 +366,9 @@ class SlotPool:
         row_slots = torch.tensor([s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long)
         bounds = tuple((offsets[s.start], offsets[s.stop]) for s in segments)
         gather: dict[str, torch.Tensor] = {}
-        runs: list[tuple[int, int]] = []
         pieces = [] if strategy != "gather" else gather_pieces(
-            [Piece(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs])
+            [Piece(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs],
+            round_pieces=4 if bucket_shapes else 1, round_length=16 if bucket_shapes else 1)
         if pieces:
             L, k = max(p.stop - p.start for p in pieces), len(pieces)
             if bucket_shapes:  # round the [k, L] layout up (filler pieces: slot 0, zero weights, never read)
@@ -376,17 +376,14 @@ class SlotPool:
             places = torch.full((k, L), 0, dtype=torch.long)
             for i, p in enumerate(pieces):
                 places[i, : p.stop - p.start] = torch.arange(p.start, p.stop)
-                if runs and runs[-1][1] == p.start:
-                    runs[-1] = (runs[-1][0], p.stop)
-                else:
-                    runs.append((p.start, p.stop))
             real = torch.tensor([i * L + t for i, p in enumerate(pieces) for t in range(p.stop - p.start)])
             seg_slots = [p.slot for p in pieces] + [NO_ADAPTER] * (k - len(pieces))
-            gather = {"segment_slots": torch.tensor(seg_slots), "segment_tokens": places.view(-1), "real_places": real}
+            gather = {"segment_slots": torch.tensor(seg_slots), "segment_tokens": places.view(-1), "real_places": real,
+                      "real_tokens": torch.cat([torch.arange(p.start, p.stop) for p in pieces])}
         token_slots = F.pad(slots.repeat_interleave(counts), (0, pad), value=NO_ADAPTER).to(self.device)
         return Routing(tuple(segments), row_slots.to(self.device), specs, strategy, None, bounds, packed=True,
                        lora_slots=lora, normed_slots=normed, separate_slots=separate, token_slots=token_slots,
-                       adapted_runs=tuple(runs), **{k: v.to(self.device) for k, v in gather.items()},
+                       **{k: v.to(self.device) for k, v in gather.items()},
                        **self._lora_columns(lora, strategy))
 
     def _lora_columns(self, lora: frozenset[int], strategy: Strategy) -> dict[str, torch.Tensor]:
@@ -467,19 +464,14 @@ class SlotPool:
         """h [N, d] of a packed forward: each segment's contiguous tokens through its slot's adapter, in place."""
         if r.strategy == "gather" and r.segment_slots is not None:
             idx = r.segment_slots  # [k]
-            # `routing_packed` sets the gather fields together
-            assert r.segment_tokens is not None and r.real_places is not None
+            # `routing_packed` sets the four gather fields together
+            assert r.segment_tokens is not None and r.real_tokens is not None and r.real_places is not None
             k, d = idx.shape[0], h.shape[1]
             xs = h.index_select(0, r.segment_tokens).view(k, -1, d)  # [k, L, d]
             z = torch.baddbmm(self.down_b[p].index_select(0, idx).unsqueeze(1), xs, self.down_w[p].index_select(0, idx))
             z = self._activate_segments(z, idx, r)
             y = torch.baddbmm(self.up_b[p].index_select(0, idx).unsqueeze(1), z, self.up_w[p].index_select(0, idx))
-            ys = y.view(-1, d).index_select(0, r.real_places)  # [n, d]: the adapted tokens' outputs, in token order
-            o = 0
-            for a, b in r.adapted_runs:  # a plain add per run of adapted tokens (index_add_ is slower on CPU)
-                h[a:b].add_(ys[o : o + b - a])
-                o += b - a
-            return h
+            return h.index_add_(0, r.real_tokens, y.view(-1, d).index_select(0, r.real_places))
         todo = []
         for (a, b), seg in zip(r.packed_bounds, r.segments):
             views = self._views.get(seg.slot)

@@ -107,9 +107,30 @@ def test_pack_batches_rejects_empty_budget():
     ],
 )
 def test_gather_pieces_cuts_where_it_pads_less_than_it_costs(lengths, piece_cost, piece_lengths):
+    check_pieces(lengths, gather_pieces(pieces_of(lengths), piece_cost=piece_cost), piece_lengths)
+
+
+@pytest.mark.parametrize(
+    "lengths, piece_lengths",
+    [
+        # rounded to k a multiple of 4 and L of 16, the cut of [96, 20, 30, 32] saves nothing (8 x (32 + 32)
+        # = 4 x (96 + 32) = 512): not cut
+        ([96, 20, 30, 32], [96, 20, 30, 32]),
+        # 5 tasks padded to 4 more filler rows: cutting the long one costs no more rows (8 either way)
+        ([96, 20, 30, 32, 20], [32, 32, 32, 20, 30, 32, 20]),
+    ],
+)
+def test_gather_pieces_prices_the_rounded_layout(lengths, piece_lengths):
+    check_pieces(lengths, gather_pieces(pieces_of(lengths), round_pieces=4, round_length=16), piece_lengths)
+
+
+def pieces_of(lengths: list[int]) -> list[Piece]:
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    segments = [Piece(slot, a, a + n) for slot, (a, n) in enumerate(zip(starts, lengths), start=1)]
-    pieces = gather_pieces(segments, piece_cost=piece_cost)
+    return [Piece(slot, a, a + n) for slot, (a, n) in enumerate(zip(starts, lengths), start=1)]
+
+
+def check_pieces(lengths: list[int], pieces: list[Piece], piece_lengths: list[int]) -> None:
+    segments = pieces_of(lengths)
     assert [p.stop - p.start for p in pieces] == piece_lengths
     # the pieces tile each segment in token order, one slot each
     for seg in segments:
