@@ -193,7 +193,8 @@ class AdapterCache:
             if entry is None or entry.state is not EntryState.READY or entry.doomed:
                 return None
             entry.pins += 1
-            self._order.touch(key)
+            if entry.version > 0:  # an upload's smoke test (negative version) is used once: never protected
+                self._order.touch(key)
             self.stats.hits += 1
             return entry
 

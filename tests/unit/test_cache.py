@@ -92,6 +92,19 @@ def test_tasks_used_once_do_not_push_out_tasks_used_again(tiny_backbone):
     assert all(fetch.calls[(t, 1)] == 1 for t in TASKS)  # each fetched once: no reload
     assert cache.stats.misses == 8 and cache.stats.evictions == 3 and cache.stats.hits == 8
 
+
+def test_an_uploads_smoke_test_is_never_protected(tiny_backbone):
+    """A smoke test (negative version) is acquired again by its forward; it stays on probation, so it never
+    pushes a task in use out of the protected segment."""
+    fetch = Fetcher(tiny_backbone.ref)
+    cache = make_cache(tiny_backbone, fetch, entries_that_fit=100, slots=5)
+    for _ in range(2):
+        cache.release(cache.acquire("t0", 1))
+    bundle = decode_bundle(fetch.data[("t1", 1)], backbone=fetch.ref, max_bytes=1 << 30)
+    for _ in range(2):
+        cache.release(cache.acquire("t1", -1, bundle))
+    assert cache._order.segments() == ([("t1", -1)], [("t0", 1)])
+
 def test_slot_budget_is_respected(tiny_backbone):
     fetch = Fetcher(tiny_backbone.ref)
     cache = make_cache(tiny_backbone, fetch, entries_that_fit=100, slots=2)
