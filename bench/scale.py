@@ -142,7 +142,9 @@ SERVER_COUNTERS = ("adapter_service_batch_seconds_count", "adapter_service_batch
 def server_counters(url: str) -> dict[str, float]:
     """The server's cumulative forward and load counters (its /metrics)."""
     with httpx.Client(base_url=url) as client:
-        text = client.get("/metrics").text
+        response = client.get("/metrics")
+        response.raise_for_status()
+        text = response.text
     got = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(SERVER_COUNTERS)}
     return {name: got.get(name, 0.0) for name in SERVER_COUNTERS}
 
