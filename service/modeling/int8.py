@@ -188,9 +188,8 @@ class Int8Linear(nn.Module):
         self.full_range = full_range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        operand, c = self.kernel.quantize(x2 if self.inv_scale is None else x2 * self.inv_scale)
-        return _rescale(self.kernel.matmul(operand), c, self.bias).view(*x.shape[:-1], self.out_features)
+        y = _smoothed_int8(self.kernel, x.reshape(-1, self.in_features), self.inv_scale, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -198,8 +197,12 @@ class Int8Linear(nn.Module):
                 f"kernel={type(self.kernel).__name__}")
 
 
-def _rescale(z: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """c * z + bias, row by row (the per-token scale back onto the int8 matmul's result)."""
+def _smoothed_int8(kernel: Int8Kernel, x: torch.Tensor, inv_scale: torch.Tensor | None,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """x [N, in] -> x W^T + b through `kernel`: smoothed (x / s), quantised per token, multiplied, then each row's
+    scale put back (c * z + bias)."""
+    operand, c = kernel.quantize(x if inv_scale is None else x * inv_scale)
+    z = kernel.matmul(operand)
     return z.mul(c) if bias is None else torch.addcmul(bias, z, c)
 
 
@@ -231,9 +234,7 @@ class StackedInt8:
             _, y, left = held
             self._local.held = (x, y, left - 1) if left > 1 else None
             return y
-        x2 = x.reshape(-1, self.in_features)
-        operand, c = self.kernel.quantize(x2 if self.inv_scale is None else x2 * self.inv_scale)
-        y = _rescale(self.kernel.matmul(operand), c, self.bias)
+        y = _smoothed_int8(self.kernel, x.reshape(-1, self.in_features), self.inv_scale, self.bias)
         readers = len(self.bounds) - 1
         self._local.held = (x, y, readers - 1) if readers > 1 else None
         return y
