@@ -366,13 +366,14 @@ class SlotPool:
         row_slots = torch.tensor([s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long)
         bounds = tuple((offsets[s.start], offsets[s.stop]) for s in segments)
         gather: dict[str, torch.Tensor] = {}
+        round_k, round_L = (4, 16) if bucket_shapes else (1, 1)
         pieces = [] if strategy != "gather" else gather_pieces(
             [Piece(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs],
-            round_pieces=4 if bucket_shapes else 1, round_length=16 if bucket_shapes else 1)
+            round_pieces=round_k, round_length=round_L)
         if pieces:
-            L, k = max(p.stop - p.start for p in pieces), len(pieces)
-            if bucket_shapes:  # round the [k, L] layout up (filler pieces: slot 0, zero weights, never read)
-                L, k = -(-L // 16) * 16, -(-k // 4) * 4
+            # the [k, L] layout, rounded up (filler pieces: slot 0, zero weights, never read)
+            L = -(-max(p.stop - p.start for p in pieces) // round_L) * round_L
+            k = -(-len(pieces) // round_k) * round_k
             places = torch.full((k, L), 0, dtype=torch.long)
             for i, p in enumerate(pieces):
                 places[i, : p.stop - p.start] = torch.arange(p.start, p.stop)
