@@ -190,16 +190,19 @@ class ServiceSettings(BaseSettings):
             return v
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
 
-    @field_validator("s3_prefix")
-    @classmethod
-    def _prefix_plain(cls, v: str) -> str:
-        if any(part in (".", "..") for part in v.strip("/").split("/")):
-            raise ValueError("s3_prefix must not have '.' or '..' segments")
-        return v
-
     @model_validator(mode="after")
-    def _s3_keys_together(self) -> ServiceSettings:
-        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
-            raise ValueError("ADAPTER_SERVICE_S3_ACCESS_KEY_ID and ADAPTER_SERVICE_S3_SECRET_ACCESS_KEY go together: "
-                             "set both or neither (neither: boto3's own credential chain)")
+    def _s3_access_usable(self) -> ServiceSettings:
+        check_s3_access(self.s3_access_key_id, self.s3_secret_access_key, self.s3_prefix)
         return self
+
+
+def check_s3_access(access_key_id: object, secret_access_key: object, prefix: str) -> None:
+    """The rules of the S3 settings, for the settings and for a bucket built without them
+    (`service.cluster.object_store.S3Bucket`): the key id and secret come together or not at all (a half pair
+    would fail every call at request time), and the key prefix has no '.' or '..' segment (HTTP clients
+    normalise those away after the request is signed). Raises ValueError saying which."""
+    if (access_key_id is None) != (secret_access_key is None):
+        raise ValueError("ADAPTER_SERVICE_S3_ACCESS_KEY_ID and ADAPTER_SERVICE_S3_SECRET_ACCESS_KEY go together: "
+                         "set both or neither (neither: boto3's own credential chain)")
+    if any(part in (".", "..") for part in prefix.strip("/").split("/")):
+        raise ValueError(f"the S3 key prefix {prefix!r} must not have '.' or '..' segments")

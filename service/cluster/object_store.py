@@ -32,8 +32,9 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from service.cluster.signed_get import MISSING_CODES, ClientRead, ObjectNotFound, SignedGet
+from service.cluster.signed_get import ClientRead, ObjectNotFound, SignedGet
 from service.errors import StoreUnavailable
+from service.settings import check_s3_access
 
 if TYPE_CHECKING:
     from service.settings import ServiceSettings
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".safetensors"
+_MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,7 @@ class S3Bucket:
             s3={"addressing_style": "path"},  # MinIO, SeaweedFS and plain hostnames need path-style
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
         )
-        if (access_key_id is None) != (secret_access_key is None):
-            raise ValueError("an S3 access key id and secret access key go together: set both or neither")
-        if any(part in (".", "..") for part in self.prefix.split("/")):
-            raise ValueError(f"the S3 key prefix {prefix!r} has a '.' or '..' segment")
+        check_s3_access(access_key_id, secret_access_key, prefix)
         session = boto3.session.Session(aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key)
         self.client: Any = session.client("s3", endpoint_url=endpoint, config=config)
         # Object reads (every cold load of a task not cached on disk) skip the client's per-call machinery
@@ -178,7 +177,7 @@ class S3Bucket:
             yield
         except botocore.exceptions.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in MISSING_CODES:
+            if code in _MISSING_CODES:
                 raise ObjectNotFound(f"object store ({self.where}): {doing}: not found ({code})") from exc
             raise StoreUnavailable(f"object store ({self.where}) refused {doing}: {code or exc}") from exc
         except (botocore.exceptions.BotoCoreError, OSError) as exc:

@@ -28,8 +28,6 @@ from botocore.utils import get_environ_proxies
 
 from service.errors import StoreUnavailable
 
-MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
-
 
 class ObjectNotFound(StoreUnavailable):
     """A key the registry names is not in the bucket (deleted behind the service's back, or a wrong bucket)."""
