@@ -56,6 +56,11 @@ class CacheEntry:
     def key(self) -> Key:
         return (self.task, self.version)
 
+    @property
+    def stored(self) -> bool:
+        """A stored version, not an upload's smoke test (negative versions: used once, never reloaded)."""
+        return self.version > 0
+
 
 @dataclass
 class CacheStats:
@@ -193,7 +198,7 @@ class AdapterCache:
             if entry is None or entry.state is not EntryState.READY or entry.doomed:
                 return None
             entry.pins += 1
-            if entry.version > 0:  # an upload's smoke test (negative version) is used once: never protected
+            if entry.stored:  # an upload's smoke test is used once: never protected
                 self._order.touch(key)
             self.stats.hits += 1
             return entry
@@ -287,7 +292,7 @@ class AdapterCache:
         """The eviction callback. Caller holds the lock; the entry is unpinned."""
         entry.state = EntryState.EVICTED
         self._drop(entry)
-        if not entry.doomed and entry.version > 0:  # smoke tests use negative versions: never reloaded
+        if not entry.doomed and entry.stored:
             self._spare_heads[entry.key] = entry.head
             while len(self._spare_heads) > 4 * self.max_slots:
                 self._spare_heads.popitem(last=False)
