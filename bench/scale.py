@@ -139,13 +139,17 @@ SERVER_COUNTERS = ("adapter_service_batch_seconds_count", "adapter_service_batch
                    "adapter_service_adapter_load_seconds_count", "adapter_service_adapter_load_seconds_sum")
 
 
-def server_counters(url: str) -> dict[str, float]:
-    """The server's cumulative forward and load counters (its /metrics)."""
+def server_metrics(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The server's /metrics samples whose names start with one of `names`."""
     with httpx.Client(base_url=url) as client:
         response = client.get("/metrics")
         response.raise_for_status()
-        text = response.text
-    got = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(SERVER_COUNTERS)}
+    return {line.split()[0]: float(line.split()[1]) for line in response.text.splitlines() if line.startswith(names)}
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """The server's cumulative forward and load counters."""
+    got = server_metrics(url, SERVER_COUNTERS)
     return {name: got.get(name, 0.0) for name in SERVER_COUNTERS}
 
 
@@ -251,12 +255,9 @@ def main() -> None:
             got["zipf_over_hot"] = round(got["zipf"]["req_per_s"] / got["hot"]["req_per_s"], 3)
             rounds.append(got)
         report["rounds"] = rounds
-        with httpx.Client(base_url=url) as client:
-            metrics = client.get("/metrics").text
-        report["server_metrics"] = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-                                    if line.startswith(("adapter_service_cache_evictions_total",
+        report["server_metrics"] = server_metrics(url, ("adapter_service_cache_evictions_total",
                                                         "adapter_service_cache_misses_total",
-                                                        "adapter_service_cache_hits_total"))}
+                                                        "adapter_service_cache_hits_total"))
         print("throughput zipf / hot: " + ", ".join(str(r["zipf_over_hot"]) for r in rounds))
     finally:
         if proc is not None:
