@@ -17,7 +17,7 @@ from service.bundles.manifest import BackboneRef
 from service.errors import BackboneLoadError
 from service.modeling.int8 import full_range_activations
 from service.modeling.onednn import prepack
-from service.modeling.precision import Precision, choose_precision, cpu_flags
+from service.modeling.precision import Precision, choose_precision, cpu_flags, native_bf16_cpu
 from service.settings import DEFAULT_BACKBONE
 
 if TYPE_CHECKING:
@@ -189,14 +189,19 @@ def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
 
 
 INT8_GATED_BACKBONES: frozenset[str] = frozenset({DEFAULT_BACKBONE})
-"""Backbones whose int8 accuracy (`service.modeling.smoothing`, with full-range activations) is recorded within
-the gate on the shipped tasks (docs/accuracy.md): the only ones `auto` may run in int8, and only on CPUs with
-AVX512-VNNI (without it activations get 7 bits, twice the rounding step of the recipe the gate measured)."""
+"""Backbones whose int8 accuracy (`service.modeling.smoothing`) is recorded within the gate on the shipped tasks
+(docs/accuracy.md): the only ones `auto` may run in int8, where `int8_gated` finds the recipe recorded."""
 
 
 def int8_gated(name: str) -> bool:
-    """`auto` may run backbone `name` in int8 on this machine (see `INT8_GATED_BACKBONES`)."""
-    return name in INT8_GATED_BACKBONES and full_range_activations(cpu_flags())
+    """`auto` may run backbone `name` in int8 on this machine: it is in `INT8_GATED_BACKBONES` and this CPU runs
+    a recipe whose accuracy is recorded within the gate (docs/accuracy.md): 8-bit activations where the CPU has
+    AVX512-VNNI, with either feed-forward output dtype; elsewhere 7-bit activations, recorded with the
+    feed-forward output in float32 only, so only on CPUs without bfloat16 instructions (the ones that run it)."""
+    if name not in INT8_GATED_BACKBONES:
+        return False
+    flags = cpu_flags()
+    return full_range_activations(flags) or native_bf16_cpu(flags) is None
 
 
 PACKED_ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")

@@ -15,8 +15,9 @@ Modes (`ADAPTER_SERVICE_DTYPE`):
   bfloat16 where the CPU has bfloat16 instructions (AMX-BF16 or AVX512-BF16) and the probe measures it at
   least `BF16_MIN_SPEEDUP` times as fast as float32 (the flags alone do not decide: on a VM whose CPU reports
   `avx512_bf16` without AMX, PyTorch's bfloat16 matmuls ran at half the float32 speed, docs/benchmarks.md,
-  session 5); int8 where the backbone's int8 accuracy is recorded within the gate on a CPU with AVX512-VNNI
-  (`int8_gated`, `backbone.int8_gated`) and its probe measures at least `INT8_MIN_SPEEDUP`.
+  session 5); int8 where the backbone's int8 accuracy is recorded within the gate for the recipe this CPU runs
+  (`int8_gated`, `backbone.int8_gated`: 8-bit activations with AVX512-VNNI, 7-bit without) and its probe
+  measures at least `INT8_MIN_SPEEDUP`.
 
 Adapter and head weights stay float32 in bundles; the cache casts them to the compute dtype when it loads
 them (float32 under `int8`).

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from service.modeling.precision import bf16_speedup, choose_precision, int8_speedup, native_bf16_cpu
+from service.settings import DEFAULT_BACKBONE
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -93,3 +94,24 @@ def test_int8_asked_for_holds_its_feed_forward_output_in_bfloat16_only_where_tha
                                                                                            ffn_out):
     p = choose_precision("int8", CPU, cpu_bf16=bf16_flag, cpu_bf16_speedup=bf16_gain)
     assert (p.mode, p.dtype, p.int8_ffn_out_dtype) == ("int8", torch.float32, ffn_out)
+
+
+@pytest.mark.parametrize("name, flags, gated", [
+    # 8-bit activations (AVX512-VNNI): recorded within the gate with either feed-forward output dtype
+    (DEFAULT_BACKBONE, {"avx2", "avx512f", "avx512_vnni"}, True),
+    (DEFAULT_BACKBONE, {"avx512_vnni", "avx512_bf16", "amx_bf16"}, True),
+    # 7-bit activations (no AVX512-VNNI): recorded with the feed-forward output in float32, which a CPU
+    # without bfloat16 instructions runs (docs/accuracy.md, session 12: a Zen 3)
+    (DEFAULT_BACKBONE, {"avx2", "fma"}, True),
+    (DEFAULT_BACKBONE, {"avx2", "avx_vnni"}, True),
+    # 7-bit with a bfloat16 feed-forward output: never recorded
+    (DEFAULT_BACKBONE, {"avx2", "avx512_bf16"}, False),
+    # a backbone whose int8 accuracy is not recorded: never, whatever the CPU
+    ("bert-base-uncased", {"avx512_vnni"}, False),
+    ("/models/my-encoder", {"avx2"}, False),
+])
+def test_int8_is_gated_where_its_recipe_is_recorded(monkeypatch, name, flags, gated):
+    from service.modeling import backbone
+
+    monkeypatch.setattr(backbone, "cpu_flags", lambda: frozenset(flags))
+    assert backbone.int8_gated(name) is gated
