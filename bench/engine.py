@@ -16,7 +16,9 @@ adapters, reported against the same engine's backbone-only.
 
 Modes run interleaved per batch in a rotating order; seq/s is the median over passes, each ratio the
 median of the per-pass ratios against `float32_padded_backbone_only` (today's service baseline) in the
-same pass. Prints a table and one JSON line. The process is set up as the service sets itself up (host
+same pass. Agreement: every backbone-only mode's sentence embeddings (ONNX Runtime's too, mean-pooled
+the same way) against float32 padded's, as 1 - cosine over all the sentences: what each speed costs in
+accuracy, side by side. Prints a table and one JSON line. The process is set up as the service sets itself up (host
 allocator keeps freed buffers, see service/host_memory.py); `--threads` sets torch's (and ORT's) intra-op
 threads per forward, by default what the service gives each forward worker (on a 2-core CPU: 1).
 """
@@ -169,8 +171,8 @@ def main() -> None:
     real = sum(len(r) for r in rows)
     padded = sum(len(b) * max(len(rows[i]) for i in b) for b in batches)
 
-    def engine_batch(engine: Engine, b: list[int], task_of) -> None:
-        engine.run([RowRequest(task_of(i), 1 if task_of(i) else 0, rows[i]) for i in b])
+    def engine_batch(engine: Engine, b: list[int], task_of) -> list:
+        return engine.run([RowRequest(task_of(i), 1 if task_of(i) else 0, rows[i]) for i in b])
 
     modes: dict = {}
     for key, engine in engines.items():
@@ -179,8 +181,8 @@ def main() -> None:
         if lora_names:
             modes[f"{key}_mixed_lora"] = lambda b, e=engine: engine_batch(e, batches[b], lambda i: lora_tasks[i])
     modes["float32_padded_single_task"] = lambda b: engine_batch(base_engine, batches[b], lambda i: names[0])
+    np_batches: list[dict] = []
     if args.ort and cpu:
-        np_batches = []
         for b in batches:
             t = base_engine.encoder.collate([rows[i] for i in b], torch.device("cpu"))
             np_batches.append({k: v.numpy() for k, v in t.items()})
@@ -229,6 +231,26 @@ def main() -> None:
             loads.append(time.perf_counter() - t0)
             cache.release(entry)
 
+    # Agreement: each backbone-only mode's sentence embeddings (mean-pooled, normalised, as the service answers
+    # a row without a task) against float32 padded's, over every sentence: 1 - cosine, mean and max.
+    def embeddings(mode: str) -> torch.Tensor:
+        out = []
+        for j, b in enumerate(batches):
+            if mode.startswith("ort_"):
+                hidden = torch.from_numpy(modes[mode](j)[0]).float()
+                mask = torch.from_numpy(np_batches[j]["attention_mask"]).float().unsqueeze(-1)
+                out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+            else:
+                engine = engines[mode.removesuffix("_backbone_only")]
+                out.append(torch.tensor([r.prediction["embedding"] for r in engine_batch(engine, b, lambda i: None)]))
+        return torch.cat(out)
+
+    reference = embeddings(BASELINE)
+    agreement = {}
+    for mode in (m for m in modes if m.endswith("_backbone_only") and m != BASELINE):
+        gap = 1 - torch.nn.functional.cosine_similarity(embeddings(mode), reference, dim=-1)
+        agreement[mode] = {"mean": float(f"{gap.mean().item():.3g}"), "max": float(f"{gap.max().item():.3g}")}
+
     report = {
         "machine": machine(), "device": str(device), "command": "python " + " ".join(sys.argv),
         "tasks": args.tasks, "batch": args.batch, "sentences": len(rows), "passes": args.passes,
@@ -248,6 +270,7 @@ def main() -> None:
                                                   if lora_names else None),
         "torch_threads": torch.get_num_threads(), "host_allocator_tuned": allocator_tuned,
         "adapter_time_share": adapter_share,
+        "embedding_error_vs_float32_padded": agreement,
         "cold_load_ms": {"p50": round(percentile(loads, 50) * 1e3, 2), "p99": round(percentile(loads, 99) * 1e3, 2),
                          "n": len(loads)},
     }
@@ -266,6 +289,8 @@ def main() -> None:
     if adapter_share:
         print("share of the mixed forward's time in the adapters: "
               + ", ".join(f"{k} {v * 100:.1f}%" for k, v in adapter_share.items()))
+    print("sentence embeddings vs float32 padded's, 1 - cosine (mean / max over the sentences): "
+          + ", ".join(f"{k.removesuffix('_backbone_only')} {v['mean']:.2g} / {v['max']:.2g}" for k, v in agreement.items()))
     print(f"cold load ms p50 {report['cold_load_ms']['p50']}  p99 {report['cold_load_ms']['p99']}  (n={len(loads)})")
     print(json.dumps(report))
 
