@@ -3,7 +3,7 @@ per-token activation scales; the feed-forward output projection in bfloat16 or f
 
 - Query, key, value, attention output and feed-forward inner projection of every layer become `Int8Linear`s
   (`service.modeling.int8`): int8 weights with one scale per output channel, activations quantised per
-  token, over their full 8 bits where the CPU has AVX512-VNNI.
+  token, over their full 8 bits where the CPU has AVX512-VNNI, else over 7 (`int8.FbgemmKernel`).
 - Smoothing first (SmoothQuant, Xiao et al. 2023, arXiv:2211.10438): transformer activations have a few
   channels far larger than the rest, which a per-token scale alone still loses. For y = x W^T + b and any
   s > 0, y = (x / s) (W diag(s))^T + b exactly; with s_j = max|x_j|^a / max|W_:j|^(1-a), the per-channel
