@@ -122,6 +122,11 @@ task's weights and one more matrix in each batched matmul (fitted on the CPU's b
 place costs ~1 us and a piece ~30 us; docs/benchmarks.md, session 11)."""
 
 
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple` (how a gathered layout's k and L are rounded)."""
+    return -(-n // multiple) * multiple
+
+
 @dataclass(frozen=True)
 class Piece:
     """Tokens [start, stop) of a packed batch, all of the task in `slot`: one matrix of a gathered layout."""
@@ -147,13 +152,10 @@ def gather_pieces(segments: Sequence[Piece], *, piece_cost: int = PIECE_COST, st
     lengths = [s.stop - s.start for s in segments]
     longest = max(lengths)
 
-    def up(n: int, multiple: int) -> int:
-        return -(-n // multiple) * multiple
-
     def cost(L: int) -> tuple[int, int]:
         pieces = sum(-(-n // L) for n in lengths)
         # ties: the longer piece (fewer pieces)
-        return up(pieces, round_pieces) * (up(L, round_length) + piece_cost), -L
+        return round_up(pieces, round_pieces) * (round_up(L, round_length) + piece_cost), -L
 
     L = min({longest, *range(step, longest, step)}, key=cost)
     return [Piece(s.slot, a, min(a + L, s.stop)) for s in segments for a in range(s.start, s.stop, L)]

@@ -25,7 +25,7 @@ from torch import nn
 from service.bundles.layout import adapter_key
 from service.bundles.manifest import INSERTION_POINTS, LORA_TARGETS, Activation, AdapterConfig, LoraConfig
 from service.modeling.backbone import ArchSpec, get_layers, get_submodule, set_submodule
-from service.modeling.batch_plan import Piece, Segment, gather_pieces
+from service.modeling.batch_plan import Piece, Segment, gather_pieces, round_up
 from service.modeling.bottleneck import ACTIVATIONS
 from service.modeling.lora import LoraPool, RoutedLinear
 
@@ -372,8 +372,8 @@ class SlotPool:
             round_pieces=round_k, round_length=round_L)
         if pieces:
             # the [k, L] layout, rounded up (filler pieces: slot 0, zero weights, never read)
-            L = -(-max(p.stop - p.start for p in pieces) // round_L) * round_L
-            k = -(-len(pieces) // round_k) * round_k
+            L = round_up(max(p.stop - p.start for p in pieces), round_L)
+            k = round_up(len(pieces), round_k)
             places = torch.full((k, L), 0, dtype=torch.long)
             for i, p in enumerate(pieces):
                 places[i, : p.stop - p.start] = torch.arange(p.start, p.stop)
