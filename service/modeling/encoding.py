@@ -74,7 +74,7 @@ class Encoder:
     def collate_packed(self, rows: Sequence[EncodedRow], device: torch.device,
                        extra_pad_tokens: int = 0) -> dict[str, torch.Tensor]:
         """Concatenate rows' real tokens: input_ids (/ token_type_ids) [N], no padding between rows; then
-        `extra_pad_tokens` pad tokens (a filler row that rounds the batch up to a size bucket)."""
+        `extra_pad_tokens` pad tokens (filler rows that round the batch up to a size bucket)."""
         ids = torch.tensor([t for r in rows for t in r.input_ids] + [self.pad_id] * extra_pad_tokens, dtype=torch.long)
         batch = {"input_ids": ids}
         if self.use_token_type_ids:

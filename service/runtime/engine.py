@@ -104,6 +104,12 @@ def default_strategy(device: torch.device, threads: int | None = None,
     return "segment" if (threads or torch.get_num_threads()) <= 1 else "gather"
 
 
+def filler_rows(tokens: int, longest: int) -> list[int]:
+    """The lengths of the filler rows that hold `tokens` pad tokens, none longer than `longest` (the batch's
+    longest row): attention pads every row to the longest, so one long filler row would lengthen them all."""
+    return [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
+
+
 class Engine:
     """Owns the backbone, the slot pool and the cache; runs mixed-task batches (several forwards may run at once,
     one per batcher worker)."""
@@ -311,9 +317,9 @@ class Engine:
         """The routed forward over the rows' real tokens only (`service.modeling.packed`)."""
         device = self.backbone.device
         lengths = [len(r) for r in rows]
-        # Round the token count up with one extra pad-token row (no adapter, never read): see token_bucket.
+        # Round the token count up with pad tokens (no adapter, never read): see token_bucket.
         extra = -sum(lengths) % self.token_bucket
-        packing = Packing.of(lengths + [extra] if extra else lengths, device)
+        packing = Packing.of(lengths + filler_rows(extra, max(lengths)), device)
         batch = self.encoder.collate_packed(rows, device, extra_pad_tokens=extra)
         routing = self.pool.routing_packed(plan.segments, packing.offsets, self.resolved_strategy(), packing.tokens,
                                            bucket_shapes=self.token_bucket > 1)

@@ -192,9 +192,30 @@ def test_int8_quantises_the_smoothed_projections_and_holds_the_feed_forward_outp
     assert backbone.ref.fingerprint == f32.ref.fingerprint  # bundles trained on float32 weights still match
 
 
-def test_bfloat16_packed_batches_round_their_token_count_up(tiny_model_dirs, store):
-    """On CPU in bfloat16 a packed batch is padded to a multiple of 64 tokens by one filler row (every distinct
-    matmul shape costs memory there); the filler gets no adapter and changes no real row."""
+@pytest.mark.parametrize(("tokens", "longest", "rows"), [
+    (0, 30, []),
+    (5, 30, [5]),
+    (30, 30, [30]),
+    (63, 30, [30, 30, 3]),
+    (63, 64, [63]),
+    (7, 1, [1] * 7),
+])
+def test_filler_rows_are_never_longer_than_the_batch_s_longest_row(tokens, longest, rows):
+    from service.runtime.engine import filler_rows
+
+    assert filler_rows(tokens, longest) == rows
+
+
+def test_bfloat16_packed_batches_round_their_token_count_up(tiny_model_dirs, store, monkeypatch):
+    """On CPU in bfloat16 a packed batch is padded to a multiple of 64 tokens by filler rows (every distinct
+    matmul shape costs memory there), none longer than the batch's longest row (attention pads every row to the
+    longest); the fillers get no adapter and change no real row."""
+    import service.runtime.engine as engine_module
+
+    packings: list[tuple[int, ...]] = []
+    of = engine_module.Packing.of
+    monkeypatch.setattr(engine_module.Packing, "of",
+                        lambda lengths, device: packings.append(tuple(lengths)) or of(lengths, device))
     path = str(tiny_model_dirs["bert"])
     bf16 = Engine(load_backbone(path, device="cpu", dtype="bfloat16"), store, cache_max_slots=16, packing="on")
     assert bf16.token_bucket == 64
@@ -218,6 +239,11 @@ def test_bfloat16_packed_batches_round_their_token_count_up(tiny_model_dirs, sto
     mixed = bf16.run(reqs, keep_logits=True)
     alone = [bf16.run([r], keep_logits=True)[0] for r in reqs[:6]]
     assert all(n is not None and n % 64 == 0 for n in seen)
+    assert len(packings) == 1 + 6 and all(sum(lengths) % 64 == 0 for lengths in packings)
+    # the fillers come after the rows, none longer than the longest row
+    assert max(packings[0]) == max(len(r.row) for r in reqs)
+    for lengths, r in zip(packings[1:], reqs):
+        assert lengths[0] == max(lengths) == len(r.row)
     for a, b in zip(mixed, alone):
         torch.testing.assert_close(a.logits, b.logits, atol=PRECISION_ATOL["bfloat16"] / 10, rtol=0)
 
