@@ -139,22 +139,27 @@ def adjacent_columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return None
 
 
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, packing: Packing) -> torch.Tensor:
-    """Multi-head self-attention of packed [N, d] queries, keys and values within each row -> [N, d]."""
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, packing: Packing,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Multi-head self-attention of packed [N, d] queries, keys and values within each row -> [N, d], computed in
+    `dtype` (None: theirs; `Precision.attention_dtype`) and returned in theirs."""
     N, d = q.shape
     fused = adjacent_columns(q, k, v)
-    qkv = packing.to_padded(torch.stack((q, k, v), 1) if fused is None else fused)  # [B, T, 3, d]: one scatter
+    qkv = torch.stack((q, k, v), 1) if fused is None else fused  # [N, 3, d]
+    qkv = packing.to_padded(qkv if dtype is None else qkv.to(dtype))  # [B, T, 3, d]: one scatter
     B, T = qkv.shape[:2]
     qkv = qkv.view(B, T, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # [3, B, H, T, dh]
     mask = None if packing.uniform else packing.key_mask
     out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)  # [B, H, T, dh]
-    return packing.from_padded(out.transpose(1, 2).reshape(B, T, d))
+    return packing.from_padded(out.transpose(1, 2).reshape(B, T, d)).to(q.dtype)
 
 
-def packed_layer(layer: BertLayerLayout, h: torch.Tensor, packing: Packing) -> torch.Tensor:
-    """One BERT-layout encoder layer on packed tokens (see the module docstring)."""
+def packed_layer(layer: BertLayerLayout, h: torch.Tensor, packing: Packing,
+                 attention_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One BERT-layout encoder layer on packed tokens (see the module docstring), attention in `attention_dtype`
+    (None: h's)."""
     sa = layer.attention.self
-    ctx = packed_attention(sa.query(h), sa.key(h), sa.value(h), sa.num_attention_heads, packing)
+    ctx = packed_attention(sa.query(h), sa.key(h), sa.value(h), sa.num_attention_heads, packing, attention_dtype)
     out = layer.attention.output
     h = out.LayerNorm(out.dense(ctx) + h)
     ffn = layer.output
@@ -164,9 +169,10 @@ def packed_layer(layer: BertLayerLayout, h: torch.Tensor, packing: Packing) -> t
 
 def packed_forward(
     model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
-    packing: Packing,
+    packing: Packing, attention_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The encoder's last hidden states for packed `input_ids` [N] -> [N, d]."""
+    """The encoder's last hidden states for packed `input_ids` [N] -> [N, d], attention computed in
+    `attention_dtype` (None: the hidden states' dtype)."""
     # casts: only packable (BERT-layout) models get here, see `Backbone.packable`
     bert = cast(BertModelLayout, model)
     layers = cast("Iterable[BertLayerLayout]", get_submodule(model, spec.layers))
@@ -181,5 +187,5 @@ def packed_forward(
     if project is not None:
         h = project(h)
     for layer in layers:
-        h = packed_layer(layer, h, packing)
+        h = packed_layer(layer, h, packing, attention_dtype)
     return h

@@ -19,6 +19,10 @@ Modes (`ADAPTER_SERVICE_DTYPE`):
   (`int8_gated`, `backbone.int8_gated`: 8-bit activations with AVX512-VNNI, 7-bit without) and its probe
   measures at least `INT8_MIN_SPEEDUP`.
 
+In the bfloat16 mode on CPU, packed forwards compute attention in float32 where a second short probe measures
+PyTorch's float32 attention kernel faster than its bfloat16 one (`attention_f32_speedup`,
+`Precision.attention_dtype`); the bfloat16 probe then times the layer that way.
+
 Adapter and head weights stay float32 in bundles; the cache casts them to the compute dtype when it loads
 them (float32 under `int8`).
 """
@@ -50,6 +54,10 @@ class Precision:
     int8_ffn_out_dtype: torch.dtype = torch.float32
     """int8 mode: the dtype of its one projection that is not int8, the feed-forward output (bfloat16 where the
     CPU computes bfloat16 fast, see `service.modeling.smoothing`)."""
+    attention_dtype: torch.dtype | None = None
+    """The dtype packed forwards compute attention in where it is not `dtype` (None: `dtype`): float32 for the
+    bfloat16 mode on a CPU whose float32 attention kernel the probe measures faster than its bfloat16 one
+    (`attention_f32_speedup`); query, key and value are cast up and the result back, so it is the more exact too."""
 
     @property
     def quantized(self) -> bool:
@@ -77,6 +85,10 @@ def native_bf16_cpu(flags: frozenset[str] | None = None) -> str | None:
     return None
 
 
+ATTENTION_F32_MIN_SPEEDUP = 1.1
+"""The bfloat16 mode computes attention in float32 on a CPU only where its probe measures that at least this much
+faster (`attention_f32_speedup`)."""
+
 BF16_MIN_SPEEDUP = 1.2
 """`auto` takes bfloat16 on a CPU only when the probe measures it at least this much faster than float32."""
 
@@ -99,6 +111,30 @@ def _speed_ratio(baseline: Callable[[], object], candidate: Callable[[], object]
     return sorted(ratios)[reps // 2]
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               dtype: torch.dtype | None) -> torch.Tensor:
+    """Scaled-dot-product attention of [B, H, T, dh] tensors, computed in `dtype` (None: theirs), returned in theirs."""
+    if dtype is None or dtype == q.dtype:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = torch.nn.functional.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask)
+    return out.to(q.dtype)
+
+
+def attention_f32_speedup(reps: int = 7, rows: int = 32, tokens: int = 32, heads: int = 12, head_dim: int = 32) -> float:
+    """bfloat16 time / float32 time of the attention of a packed bfloat16 batch (its padded view: `rows` rows of
+    8..`tokens` tokens, a key mask, `heads` heads of `head_dim`), the float32 one including the casts of query,
+    key and value up and of the result back (`_speed_ratio`; a few milliseconds). Above 1 where this CPU's
+    float32 attention kernel is the faster: PyTorch's CPU flash attention ran 1.7x slower in bfloat16 than in
+    float32 on a Zen 5 (docs/benchmarks.md, session 13)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(rows, heads, tokens, head_dim, generator=g).to(torch.bfloat16) for _ in range(3))
+    lengths = torch.randint(8, tokens + 1, (rows,), generator=g)
+    mask = (torch.arange(tokens)[None, :] < lengths[:, None]).view(rows, 1, 1, tokens)
+    with torch.inference_mode():
+        return _speed_ratio(lambda: _attention(q, k, v, mask, None), lambda: _attention(q, k, v, mask, torch.float32),
+                            reps)
+
+
 class _ProbeLayer:
     """The probes' workload: one BERT-style encoder layer (Q/K/V, attention, output projection, residual +
     LayerNorm, feed-forward, residual + LayerNorm) on `rows x tokens` packed tokens, its projections in the compute
@@ -106,13 +142,13 @@ class _ProbeLayer:
     probe had int8 and bfloat16 within 10% of each other on a CPU where the whole model ran 17% faster in int8)."""
 
     def __init__(self, hidden: int, mode: str, ffn_out_dtype: torch.dtype = torch.float32,
-                 rows: int = 16, tokens: int = 32, heads: int = 12):
+                 rows: int = 16, tokens: int = 32, heads: int = 12, attention_dtype: torch.dtype | None = None):
         from service.modeling.int8 import RECIPES, CastLinear, full_range_activations, int8_projections
 
         g = torch.Generator().manual_seed(0)
         recipe = RECIPES[ffn_out_dtype]
         self.dtype = torch.bfloat16 if mode == "bfloat16" else torch.float32
-        self.heads = heads
+        self.heads, self.attention_dtype = heads, attention_dtype
         self.rows, self.x = rows, torch.randn(rows * tokens, hidden, generator=g).to(self.dtype)  # packed
         shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
         linears = [torch.nn.Linear(n_in, n_out).eval().requires_grad_(False) for n_out, n_in in shapes]
@@ -142,16 +178,18 @@ class _ProbeLayer:
             return t.view(B, T, H, d // H).transpose(1, 2)
 
         with torch.inference_mode():
-            ctx = F.scaled_dot_product_attention(split(q(x)), split(k(x)), split(v(x)))
+            ctx = _attention(split(q(x)), split(k(x)), split(v(x)), None, self.attention_dtype)
             h = self.norms[0](o(ctx.transpose(1, 2).reshape(N, d)) + x)
             out: torch.Tensor = self.norms[1](outer(F.gelu(inner(h))) + h)
             return out
 
 
-def bf16_speedup(hidden: int = 384, reps: int = 7) -> float:
+def bf16_speedup(hidden: int = 384, reps: int = 7, attention_dtype: torch.dtype | None = None) -> float:
     """float32 time / bfloat16 time of one encoder layer (`_ProbeLayer`) on this CPU, with the threads torch
-    has now (`_speed_ratio`; about 0.3 s on a 2-core VM)."""
-    return _speed_ratio(_ProbeLayer(hidden, "float32"), _ProbeLayer(hidden, "bfloat16"), reps)
+    has now (`_speed_ratio`; about 0.3 s on a 2-core VM), the bfloat16 one's attention in `attention_dtype`
+    (None: bfloat16), as the bfloat16 mode will run it."""
+    return _speed_ratio(_ProbeLayer(hidden, "float32"),
+                        _ProbeLayer(hidden, "bfloat16", attention_dtype=attention_dtype), reps)
 
 
 INT8_MIN_SPEEDUP = 1.1
@@ -171,16 +209,17 @@ def int8_speedup(hidden: int = 384, reps: int = 7, ffn_out_dtype: torch.dtype = 
 
 def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | None = None,
                      cuda_capability: tuple[int, int] | None = None, cpu_bf16_speedup: float | None = None,
-                     int8_gated: bool = False, cpu_int8_speedup: float | None = None) -> Precision:
+                     int8_gated: bool = False, cpu_int8_speedup: float | None = None,
+                     cpu_attention_speedup: float | None = None) -> Precision:
     """The compute mode for `requested` on `device` (a pure function of its inputs: the CPU's bfloat16 flag,
-    the measured bfloat16 and int8 speed-ups and the GPU's compute capability are passed in, or read from the
-    machine when None). `int8_gated`: the backbone's int8 accuracy is recorded within the gate."""
+    the measured bfloat16, int8 and float32-attention speed-ups and the GPU's compute capability are passed in,
+    or read from the machine when None). `int8_gated`: the backbone's int8 accuracy is recorded within the gate."""
     if requested not in MODES:
         raise ValueError(f"unknown precision {requested!r}; one of {', '.join(MODES)}")
     cpu = device.type == "cpu"
     if requested == "auto":
         if cpu:
-            return _auto_cpu(cpu_bf16, cpu_bf16_speedup, int8_gated, cpu_int8_speedup)
+            return _auto_cpu(cpu_bf16, cpu_bf16_speedup, int8_gated, cpu_int8_speedup, cpu_attention_speedup)
         cap = torch.cuda.get_device_capability(device) if cuda_capability is None else cuda_capability
         if cap >= (8, 0):
             return Precision("bfloat16", torch.bfloat16, f"auto: GPU compute capability {cap[0]}.{cap[1]} >= 8.0")
@@ -190,18 +229,38 @@ def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | No
     if requested == "int8" and not cpu:
         raise ValueError("int8 (dynamic quantisation) runs on CPU only; use float16 or bfloat16 on CUDA")
     if requested == "int8":
-        _, speedup = _bf16_probe(cpu_bf16, cpu_bf16_speedup)
+        _, speedup = _bf16_probe(cpu_bf16, cpu_bf16_speedup, None)
         return _int8(speedup, "set by ADAPTER_SERVICE_DTYPE")
+    if requested == "bfloat16" and cpu:
+        return _bf16("set by ADAPTER_SERVICE_DTYPE", _attention_probe(cpu_attention_speedup))
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     return Precision(requested, dtype[requested], "set by ADAPTER_SERVICE_DTYPE")
 
 
-def _bf16_probe(cpu_bf16: str | None, cpu_bf16_speedup: float | None) -> tuple[str | None, float | None]:
-    """The CPU's bfloat16 flag and, where it has one, bfloat16's measured speed-up (None without the flag)."""
+def _attention_probe(cpu_attention_speedup: float | None) -> tuple[torch.dtype | None, float]:
+    """The bfloat16 mode's attention dtype on this CPU (float32 where measured at least
+    `ATTENTION_F32_MIN_SPEEDUP` faster, else None: bfloat16) and the measured ratio."""
+    gain = attention_f32_speedup() if cpu_attention_speedup is None else cpu_attention_speedup
+    return (torch.float32 if gain >= ATTENTION_F32_MIN_SPEEDUP else None), gain
+
+
+def _bf16(reason: str, attention: tuple[torch.dtype | None, float]) -> Precision:
+    """The bfloat16 mode on CPU, its attention as `_attention_probe` measured it."""
+    dtype, gain = attention
+    where = "float32" if dtype is not None else "bfloat16"
+    return Precision("bfloat16", torch.bfloat16,
+                     f"{reason}; attention in {where} (float32 measured {gain:.2f}x bfloat16's speed)",
+                     attention_dtype=dtype)
+
+
+def _bf16_probe(cpu_bf16: str | None, cpu_bf16_speedup: float | None,
+                attention_dtype: torch.dtype | None) -> tuple[str | None, float | None]:
+    """The CPU's bfloat16 flag and, where it has one, bfloat16's measured speed-up (None without the flag), its
+    attention computed in `attention_dtype` (None: bfloat16)."""
     flag = native_bf16_cpu() if cpu_bf16 is None else (cpu_bf16 or None)
     if not flag:
         return None, None
-    return flag, bf16_speedup() if cpu_bf16_speedup is None else cpu_bf16_speedup
+    return flag, bf16_speedup(attention_dtype=attention_dtype) if cpu_bf16_speedup is None else cpu_bf16_speedup
 
 
 def _ffn_out_dtype(bf16_gain: float | None) -> torch.dtype:
@@ -217,9 +276,11 @@ def _int8(bf16_gain: float | None, reason: str) -> Precision:
 
 
 def _auto_cpu(cpu_bf16: str | None, cpu_bf16_speedup: float | None, int8_gated: bool,
-              cpu_int8_speedup: float | None) -> Precision:
+              cpu_int8_speedup: float | None, cpu_attention_speedup: float | None) -> Precision:
     """`auto` on CPU: the fastest of float32 and the candidates that qualify (see the module docstring)."""
-    flag, speedup = _bf16_probe(cpu_bf16, cpu_bf16_speedup)
+    has_flag = bool(native_bf16_cpu() if cpu_bf16 is None else cpu_bf16)
+    attention = _attention_probe(cpu_attention_speedup) if has_flag else (None, 1.0)
+    flag, speedup = _bf16_probe(cpu_bf16, cpu_bf16_speedup, attention[0])
     candidates: dict[str, float] = {}
     notes = []
     if flag and speedup is not None:
@@ -241,4 +302,4 @@ def _auto_cpu(cpu_bf16: str | None, cpu_bf16_speedup: float | None, int8_gated: 
                          f"(bfloat16 needs >= {BF16_MIN_SPEEDUP}x, int8 >= {INT8_MIN_SPEEDUP}x)")
     best = max(candidates, key=lambda mode: candidates[mode])
     reason = f"auto: the fastest that qualifies: {why}"
-    return _int8(speedup, reason) if best == "int8" else Precision("bfloat16", torch.bfloat16, reason)
+    return _int8(speedup, reason) if best == "int8" else _bf16(reason, attention)

@@ -325,7 +325,8 @@ class Engine:
                                            bucket_shapes=self.token_bucket > 1)
         with self.pool.route(routing):
             hidden = packed_forward(self.backbone.model, self.backbone.spec, batch["input_ids"],
-                                    batch.get("token_type_ids"), packing)  # [N, d], rows sorted by slot
+                                    batch.get("token_type_ids"), packing,
+                                    self.backbone.precision.attention_dtype)  # [N, d], rows sorted by slot
 
         def token_rows(head: TaskHead, seg: Segment) -> list[torch.Tensor]:
             a, b = packing.offsets[seg.start], packing.offsets[seg.stop]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -129,14 +131,17 @@ def test_packing_places_tokens_and_pools_per_row():
 PRECISION_ATOL = {"bfloat16": 0.1, "int8": 0.15}
 
 
-@pytest.mark.parametrize("precision", list(PRECISION_ATOL))
+@pytest.mark.parametrize(("precision", "attention"), [
+    ("bfloat16", None), ("bfloat16", torch.float32), ("int8", None)])  # attention: `Precision.attention_dtype`
 @pytest.mark.parametrize("packing", ["on", "off"])
 def test_reduced_precisions_agree_with_float32_and_mixed_still_equals_alone(tiny_model_dirs, store, precision,
-                                                                             packing):
+                                                                             attention, packing):
     path = str(tiny_model_dirs["bert"])
     ref_engine = Engine(load_backbone(path, device="cpu", dtype="float32"), store, cache_max_slots=16,
                         packing=packing)
-    low = Engine(load_backbone(path, device="cpu", dtype=precision), store, cache_max_slots=16, packing=packing)
+    backbone = load_backbone(path, device="cpu", dtype=precision)
+    backbone.precision = replace(backbone.precision, attention_dtype=attention)  # each, whatever this CPU measures
+    low = Engine(backbone, store, cache_max_slots=16, packing=packing)
     assert low.backbone.precision.mode == precision
     fill(store, ref_engine.backbone.ref)
     reqs = all_requests(ref_engine)
@@ -264,3 +269,18 @@ def test_attention_reads_adjacent_query_key_value_columns_in_place_and_gives_the
     uniform = Packing.of([3, 3, 3], torch.device("cpu"))
     torch.testing.assert_close(packed_attention(q, k, v, 2, uniform), packed_attention(*separate, 2, uniform),
                                atol=0, rtol=0)
+
+
+def test_attention_in_float32_on_bfloat16_inputs_is_float32_attention_rounded_once():
+    """`Precision.attention_dtype`: the bfloat16 mode's packed attention computed in float32 gives exactly float32
+    attention of the same (bfloat16) query, key and value, rounded to bfloat16 at the end."""
+    from service.modeling.packed import packed_attention
+
+    g = torch.Generator().manual_seed(0)
+    packing = Packing.of([5, 2, 7], torch.device("cpu"))
+    q, k, v = (torch.randn(14, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    got = packed_attention(q, k, v, 2, packing, torch.float32)
+    assert got.dtype is torch.bfloat16
+    want = packed_attention(q.float(), k.float(), v.float(), 2, packing).to(torch.bfloat16)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not torch.equal(got, packed_attention(q, k, v, 2, packing))  # not the bfloat16 kernel's result

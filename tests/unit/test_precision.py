@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.modeling.precision import bf16_speedup, choose_precision, int8_speedup, native_bf16_cpu
+from service.modeling.precision import (
+    attention_f32_speedup,
+    bf16_speedup,
+    choose_precision,
+    int8_speedup,
+    native_bf16_cpu,
+)
 from service.settings import DEFAULT_BACKBONE
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -35,14 +41,33 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 def test_precision_table(requested, device, cpu_bf16, speedup, capability, mode, dtype):
     gated = mode == "int8-gated"
     p = choose_precision(requested, device, cpu_bf16=cpu_bf16, cuda_capability=capability, cpu_bf16_speedup=speedup,
-                         int8_gated=gated, cpu_int8_speedup=2.1 if gated else 9.9)
+                         int8_gated=gated, cpu_int8_speedup=2.1 if gated else 9.9, cpu_attention_speedup=1.0)
     assert (p.mode, p.dtype) == ("int8" if gated else mode, dtype)
     assert p.reason  # said in the log and /readyz
     if requested == "auto" and cpu_bf16:
         assert f"{speedup:.2f}x" in p.reason  # the measured figure is part of the reason
 
 
+@pytest.mark.parametrize("requested, bf16_gain, attention_gain, attention", [
+    ("auto", 2.5, 1.6, torch.float32),  # float32 attention measured faster: taken
+    ("auto", 2.5, 1.05, None),  # below ATTENTION_F32_MIN_SPEEDUP: bfloat16 attention
+    ("bfloat16", None, 1.6, torch.float32),  # asked for bfloat16: the attention choice still measured
+    ("bfloat16", None, 0.7, None),
+])
+def test_the_bfloat16_mode_computes_attention_in_float32_where_that_is_measured_faster(requested, bf16_gain,
+                                                                                       attention_gain, attention):
+    p = choose_precision(requested, CPU, cpu_bf16="avx512_bf16", cpu_bf16_speedup=bf16_gain,
+                         cpu_attention_speedup=attention_gain)
+    assert (p.mode, p.attention_dtype) == ("bfloat16", attention)
+    assert f"attention in {'float32' if attention else 'bfloat16'}" in p.reason and f"{attention_gain:.2f}x" in p.reason
+    # the other modes never change their attention's dtype
+    assert choose_precision("float32", CPU, cpu_attention_speedup=attention_gain).attention_dtype is None
+    assert choose_precision("int8", CPU, cpu_bf16="", cpu_attention_speedup=attention_gain).attention_dtype is None
+
+
 def test_the_probes_measure_positive_speed_ratios():
+    assert 0.0 < attention_f32_speedup(rows=4, tokens=8, heads=2, head_dim=8, reps=3) < 100.0
+    assert 0.0 < bf16_speedup(hidden=48, reps=3, attention_dtype=torch.float32) < 100.0
     assert 0.0 < bf16_speedup(hidden=48, reps=3) < 100.0
     assert 0.0 < int8_speedup(hidden=48, reps=3) < 100.0
     assert 0.0 < int8_speedup(hidden=48, reps=3, ffn_out_dtype=torch.bfloat16) < 100.0
