@@ -9,7 +9,7 @@ would not fit the device cache beside what running batches hold (S-LoRA / vLLM `
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -38,15 +38,15 @@ class BatchPlan:
         return tuple(inv)
 
 
-def plan_batch(row_slots: Sequence[int]) -> BatchPlan:
-    """Stable sort of rows by slot, and the segment boundaries of the sorted batch."""
-    order = tuple(sorted(range(len(row_slots)), key=lambda i: row_slots[i]))
+def plan_batch(row_slots: Sequence[int], last: Collection[int] = ()) -> BatchPlan:
+    """Stable sort of rows by slot, the rows of the slots in `last` after all others (LoRA tasks: their tokens
+    then form one range, which LoRA's batched matmuls read alone), and the segment boundaries of the sorted batch."""
+    order = tuple(sorted(range(len(row_slots)), key=lambda i: (row_slots[i] in last, row_slots[i])))
     segments: list[Segment] = []
     for pos, row in enumerate(order):
         slot = row_slots[row]
         if segments and segments[-1].slot == slot:
-            last = segments[-1]
-            segments[-1] = Segment(slot, last.start, pos + 1)
+            segments[-1] = Segment(slot, segments[-1].start, pos + 1)
         else:
             segments.append(Segment(slot, pos, pos + 1))
     return BatchPlan(order, tuple(segments))

@@ -16,8 +16,9 @@ runs one matmul pair over every token:
 
     z = (x @ [A_1 | ... | A_n]) * M        y += z @ [B_1; ...; B_n]
 
-where the 0/1 mask M keeps, for each token, only its own slot's r columns (none for rows of other tasks, whose
-`y` is left exactly as it was). Its cost is 2 * n * r * (in + out) per token, small while the batch's LoRA
+where the 0/1 mask M keeps, for each token, only its own slot's r columns. Both read only the tokens (rows,
+padded) of the LoRA segments, which the batch plan puts last (`batch_plan.plan_batch`): rows of other tasks
+are left exactly as they were. Its cost is 2 * n * r * (in + out) per LoRA token, small while the batch's LoRA
 ranks are small, and two matmuls instead of a gather of every LoRA segment's tokens.
 """
 
@@ -112,18 +113,21 @@ class LoraPool:
         if A is None or B is None:
             return y
         A_l, B_l = A[layer], B[layer]  # [S, in, r], [S, r, out]
+        a, b = r.lora_span  # the rows (padded) or tokens (packed) of the LoRA segments: the others get nothing
         if r.strategy == "gather" and not r.packed:
-            idx = r.row_slots  # [B]: each row's own weights, one batched matmul pair
-            z = torch.bmm(x, A_l.index_select(0, idx))  # [B, T, r]
-            return y.baddbmm_(z, B_l.index_select(0, idx))
+            idx = r.row_slots[a:b]  # each LoRA row's own weights, one batched matmul pair
+            z = torch.bmm(x[a:b], A_l.index_select(0, idx))  # [rows, T, r]
+            y[a:b].baddbmm_(z, B_l.index_select(0, idx))
+            return y
         if r.strategy == "gather":
             # `routing_packed` sets the slots for packed gather routings with LoRA slots, `SlotPool.route` the mask
             assert r.lora_select is not None and r.lora_mask is not None
             sel = r.lora_select  # [n]: the batch's LoRA slots, their rank columns stacked
             A_sel = A_l.index_select(0, sel).permute(1, 0, 2).reshape(A_l.shape[1], -1)  # [in, n*r]
             B_sel = B_l.index_select(0, sel).reshape(-1, B_l.shape[2])  # [n*r, out]
-            z = (x @ A_sel).mul_(r.lora_mask.to(x.dtype))  # each token keeps its own slot's columns; others 0
-            return y.addmm_(z, B_sel)
+            z = (x[a:b] @ A_sel).mul_(r.lora_mask.to(x.dtype))  # each token keeps its own slot's columns; others 0
+            y[a:b].addmm_(z, B_sel)
+            return y
         for i, seg in enumerate(r.segments):
             if target not in self.targets.get(seg.slot, ()):
                 continue

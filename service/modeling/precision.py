@@ -120,7 +120,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return out.to(q.dtype)
 
 
-def attention_f32_speedup(reps: int = 7, rows: int = 32, tokens: int = 32, heads: int = 12, head_dim: int = 32) -> float:
+def attention_f32_speedup(reps: int = 15, rows: int = 32, tokens: int = 32, heads: int = 12, head_dim: int = 32) -> float:
     """bfloat16 time / float32 time of the attention of a packed bfloat16 batch (its padded view: `rows` rows of
     8..`tokens` tokens, a key mask, `heads` heads of `head_dim`), the float32 one including the casts of query,
     key and value up and of the result back (`_speed_ratio`; a few milliseconds). Above 1 where this CPU's

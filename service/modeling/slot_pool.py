@@ -122,6 +122,9 @@ class Routing:
     real_places: torch.Tensor | None = None  # [n] long: the places of [k * L] that hold a real token
     real_tokens: torch.Tensor | None = None  # [n] long: the token at each of those places
     lora_slots: frozenset[int] = frozenset()  # the slots in this batch that hold LoRA tasks
+    # The rows (padded) or tokens (packed) [a, b) that hold every LoRA segment (one range when the plan put them
+    # last, `batch_plan.plan_batch`): the batched LoRA matmuls read these alone
+    lora_span: tuple[int, int] = (0, 0)
     normed_slots: frozenset[int] = frozenset()  # the slots whose adapters read the LayerNorm output
     separate_slots: frozenset[int] = frozenset()  # projection-time slots applied apart (adapter LayerNorms)
     adapter_row_slots: torch.Tensor | None = None  # padded gather: row_slots with separate slots as 0 (None: same)
@@ -347,7 +350,8 @@ class SlotPool:
                 ends = torch.tensor(lengths).cumsum(0).tolist()
                 bounds = tuple((ends[s.start - 1] if s.start else 0, ends[s.stop - 1]) for s in segments)
         return Routing(tuple(segments), row_slots, specs, strategy, token_index, bounds, lora_slots=lora,
-                       normed_slots=normed, separate_slots=separate, adapter_row_slots=adapter_rows)
+                       normed_slots=normed, separate_slots=separate, adapter_row_slots=adapter_rows,
+                       lora_span=_span([(s.start, s.stop) for s in segments if s.slot in lora]))
 
     def routing_packed(self, segments: Sequence[Segment], offsets: Sequence[int], strategy: Strategy,
                        total_tokens: int | None = None, bucket_shapes: bool = False) -> Routing:
@@ -384,6 +388,7 @@ class SlotPool:
         token_slots = F.pad(slots.repeat_interleave(counts), (0, pad), value=NO_ADAPTER).to(self.device)
         return Routing(tuple(segments), row_slots.to(self.device), specs, strategy, None, bounds, packed=True,
                        lora_slots=lora, normed_slots=normed, separate_slots=separate, token_slots=token_slots,
+                       lora_span=_span([b for s, b in zip(segments, bounds) if s.slot in lora]),
                        **{k: v.to(self.device) for k, v in gather.items()},
                        **self._lora_columns(lora, strategy))
 
@@ -411,7 +416,8 @@ class SlotPool:
             if routing.lora_select is not None and routing.token_slots is not None:
                 # at the rank capacity read under the lock, which no growth changes until the forward ends
                 columns = routing.lora_select.repeat_interleave(self.lora.rank_capacity)
-                mask = (routing.token_slots.unsqueeze(-1) == columns).to(self.dtype)
+                a, b = routing.lora_span
+                mask = (routing.token_slots[a:b].unsqueeze(-1) == columns).to(self.dtype)
                 routing = replace(routing, lora_mask=mask)
             self._local.routing = routing
             try:
@@ -577,6 +583,11 @@ class SlotPool:
             self.norm_b[p].index_select(0, r.row_slots).unsqueeze(1), y,
             self.norm_w[p].index_select(0, r.row_slots).unsqueeze(1),
         )
+
+
+def _span(ranges: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The smallest range [a, b) holding every one of `ranges` ((0, 0) for none)."""
+    return (min(a for a, _ in ranges), max(b for _, b in ranges)) if ranges else (0, 0)
 
 
 class RoutedProjection(nn.Module):

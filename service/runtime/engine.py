@@ -58,7 +58,8 @@ class RowRequest:
 @dataclass(frozen=True)
 class PlannedBatch:
     """What one forward computes: the rows sorted by slot (`plan.order`), so that each task version's rows
-    form one contiguous segment (`plan.segments`), and each segment's head (None: the plain backbone)."""
+    form one contiguous segment (`plan.segments`), LoRA tasks' segments last, and each segment's head (None: the
+    plain backbone)."""
 
     rows: list[EncodedRow]  # in plan order
     positions: list[int]  # positions[k]: index, in the caller's request list, of the k-th planned row
@@ -70,7 +71,8 @@ class PlannedBatch:
         """Plan the `live` rows of `requests` with their pinned cache `entries`."""
         pinned = [entries[(requests[i].task, requests[i].version)] if requests[i].task is not None else None
                   for i in live]
-        plan = plan_batch([e.slot if e is not None else NO_ADAPTER for e in pinned])
+        lora = {e.slot for e in pinned if e is not None and e.manifest.lora is not None}
+        plan = plan_batch([e.slot if e is not None else NO_ADAPTER for e in pinned], last=lora)
         heads: list[TaskHead | None] = []
         for seg in plan.segments:
             entry = pinned[plan.order[seg.start]]

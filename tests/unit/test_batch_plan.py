@@ -14,6 +14,22 @@ from service.modeling.batch_plan import (
 
 
 @pytest.mark.parametrize(
+    "slots, last, order, segments",
+    [
+        ([5, 1, 3, 1], {1}, (2, 0, 1, 3), (Segment(3, 0, 1), Segment(5, 1, 2), Segment(1, 2, 4))),
+        ([5, 1, 3, 0, 1], {1, 5}, (3, 2, 1, 4, 0), (Segment(0, 0, 1), Segment(3, 1, 2), Segment(1, 2, 4),
+                                                     Segment(5, 4, 5))),
+        ([2, 2], {2}, (0, 1), (Segment(2, 0, 2),)),  # all of them last: as without
+        ([2, 1], {9}, (1, 0), (Segment(1, 0, 1), Segment(2, 1, 2))),  # a slot not in the batch: as without
+    ],
+)
+def test_plan_batch_puts_the_last_slots_after_the_others(slots, last, order, segments):
+    """LoRA tasks' slots go last, so that their tokens are one range (`Routing.lora_span`)."""
+    plan = plan_batch(slots, last=last)
+    assert (plan.order, plan.segments) == (order, segments)
+
+
+@pytest.mark.parametrize(
     "slots, order, segments",
     [
         ([], (), ()),
