@@ -32,7 +32,7 @@ class ServiceSettings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = Field(
         "auto", description="Compute precision of the backbone. `auto`: on CUDA bfloat16 from compute capability 8.0, else "
         "float16; on CPU the fastest of float32 and the modes that qualify, by a start-up probe (one encoder "
-        "layer timed in each mode, ~0.6 s): bfloat16 where the CPU has bfloat16 instructions (avx512_bf16 / "
+        "layer with a mixed batch's adapters timed in each mode, ~0.6 s): bfloat16 where the CPU has bfloat16 instructions (avx512_bf16 / "
         "amx_bf16) and it measures at least 1.2x float32's speed; int8 for a backbone whose int8 accuracy is "
         "recorded within the gate on this kind of CPU (the packaged MiniLM: 8-bit activations with AVX512-VNNI, "
         "7-bit without), where it measures at least 1.1x. In bfloat16 on CPU, packed forwards compute attention in "

@@ -11,7 +11,8 @@ Modes (`ADAPTER_SERVICE_DTYPE`):
 - `auto`: the fastest mode whose accuracy stays within the gate of docs/accuracy.md (0.5 points of
   float32 on every shipped task): CUDA: bfloat16 where the GPU computes it natively (compute capability
   >= 8.0), else float16. CPU: of float32 and the candidates below, the one a short measured probe at
-  start-up finds fastest (one encoder layer, `_ProbeLayer`, timed in each candidate against float32):
+  start-up finds fastest (one encoder layer with a mixed batch's adapters, `_ProbeLayer`, timed in each
+  candidate against float32):
   bfloat16 where the CPU has bfloat16 instructions (AMX-BF16 or AVX512-BF16) and the probe measures it at
   least `BF16_MIN_SPEEDUP` times as fast as float32 (the flags alone do not decide: on a VM whose CPU reports
   `avx512_bf16` without AMX, PyTorch's bfloat16 matmuls ran at half the float32 speed, docs/benchmarks.md,
@@ -34,10 +35,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from service.modeling.onednn import prepack
+
+if TYPE_CHECKING:
+    from service.modeling.slot_pool import Routing, SlotPool
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +140,42 @@ def attention_f32_speedup(reps: int = 15, rows: int = 32, tokens: int = 32, head
                             reps)
 
 
+def _probe_adapters(hidden: int, dtype: torch.dtype, rows: int, tokens: int, tasks: int) -> tuple[SlotPool, Routing]:
+    """A one-layer slot pool in `dtype` holding `tasks` random Houlsby adapters (the default shape), and the routing
+    of a packed batch of `rows` rows of `tokens` tokens split evenly among them, by the strategy an engine
+    picks for `dtype` on this CPU (`default_strategy`): the adapter work of a mixed batch, as the service runs it."""
+    from service.bundles.layout import adapter_key
+    from service.bundles.manifest import AdapterConfig
+    from service.modeling.batch_plan import Segment
+    from service.modeling.slot_pool import SlotPool, default_strategy
+
+    g = torch.Generator().manual_seed(1)
+    cpu, cfg = torch.device("cpu"), AdapterConfig()
+    pool = SlotPool(1, hidden, tasks, device=cpu, dtype=dtype, base_norms=[(torch.ones(hidden), torch.zeros(hidden))] * 2)
+    shapes = {"down.weight": (hidden, cfg.bottleneck), "down.bias": (cfg.bottleneck,),
+              "up.weight": (cfg.bottleneck, hidden), "up.bias": (hidden,)}
+    for slot in range(1, tasks + 1):
+        pool.write(slot, cfg, {adapter_key(0, point, part): 0.02 * torch.randn(shape, generator=g)
+                               for point in cfg.points for part, shape in shapes.items()})
+    per = rows // tasks
+    segments = [Segment(slot, (slot - 1) * per, slot * per) for slot in range(1, tasks + 1)]
+    routing = pool.routing_packed(segments, [row * tokens for row in range(rows + 1)],
+                                  default_strategy(cpu, dtype=dtype), bucket_shapes=dtype is torch.bfloat16)
+    return pool, routing
+
+
 class _ProbeLayer:
-    """The probes' workload: one BERT-style encoder layer (Q/K/V, attention, output projection, residual +
-    LayerNorm, feed-forward, residual + LayerNorm) on `rows x tokens` packed tokens, its projections in the compute
-    mode being measured: everything that differs between the modes, not just one matmul (a single-matmul
-    probe had int8 and bfloat16 within 10% of each other on a CPU where the whole model ran 17% faster in int8)."""
+    """The probes' workload: one BERT-style encoder layer (Q/K/V, attention, output projection, adapter, residual +
+    LayerNorm, feed-forward, adapter, residual + LayerNorm) on `rows x tokens` packed tokens of `tasks` tasks, its
+    projections in the compute mode being measured and its adapters as a mixed batch of that mode runs them
+    (`_probe_adapters`): everything that differs between the modes for the traffic the service serves, not just
+    one matmul (a single-matmul probe had int8 and bfloat16 within 10% of each other on a CPU where the whole
+    model ran 17% faster in int8; a layer without adapters had int8 ahead of bfloat16 on a Zen 5 where bfloat16
+    ran mixed batches 9% faster, docs/benchmarks.md session 13)."""
 
     def __init__(self, hidden: int, mode: str, ffn_out_dtype: torch.dtype = torch.float32,
-                 rows: int = 16, tokens: int = 32, heads: int = 12, attention_dtype: torch.dtype | None = None):
+                 rows: int = 16, tokens: int = 32, heads: int = 12, attention_dtype: torch.dtype | None = None,
+                 tasks: int = 8):
         from service.modeling.int8 import RECIPES, CastLinear, full_range_activations, int8_projections
 
         g = torch.Generator().manual_seed(0)
@@ -167,6 +200,7 @@ class _ProbeLayer:
         else:
             self.proj = [linear.to(self.dtype) for linear in linears]
         self.norms = [torch.nn.LayerNorm(hidden, dtype=self.dtype).eval() for _ in range(2)]
+        self.pool, self.routing = _probe_adapters(hidden, self.dtype, rows, tokens, tasks)
 
     def __call__(self) -> torch.Tensor:
         F = torch.nn.functional
@@ -177,10 +211,11 @@ class _ProbeLayer:
         def split(t: torch.Tensor) -> torch.Tensor:  # [N, d] -> [B, H, T, d / H]
             return t.view(B, T, H, d // H).transpose(1, 2)
 
-        with torch.inference_mode():
+        pool, r = self.pool, self.routing
+        with torch.inference_mode(), pool.route(r):
             ctx = _attention(split(q(x)), split(k(x)), split(v(x)), None, self.attention_dtype)
-            h = self.norms[0](o(ctx.transpose(1, 2).reshape(N, d)) + x)
-            out: torch.Tensor = self.norms[1](outer(F.gelu(inner(h))) + h)
+            h = self.norms[0](pool.apply_adapters(0, o(ctx.transpose(1, 2).reshape(N, d)), r) + x)
+            out: torch.Tensor = self.norms[1](pool.apply_adapters(1, outer(F.gelu(inner(h))), r) + h)
             return out
 
 

@@ -40,6 +40,21 @@ Affine = tuple[torch.Tensor, torch.Tensor]
 SeparateView = tuple[SlotView, Affine | None, Affine | None, float]
 
 
+def default_strategy(device: torch.device, threads: int | None = None,
+                     dtype: torch.dtype = torch.float32) -> Strategy:
+    """The faster way to mix tasks in one forward, as measured by bench/engine.py (docs/benchmarks.md).
+
+    CUDA: one gather of each task's (packed) or row's (padded) weights + batched matmul (few kernel
+    launches). CPU in bfloat16: gather + batched matmul too (small bfloat16 matmuls have a high fixed cost
+    each). CPU in float32 with one intra-op thread per forward (the server's default on small machines: 2
+    workers x 1 thread): per-task segment matmuls on the real tokens only. CPU with more threads per forward:
+    gather + bmm, because small per-task matmuls split badly across threads while a batched matmul hands
+    whole rows to each thread."""
+    if device.type == "cuda" or dtype is torch.bfloat16:
+        return "gather"
+    return "segment" if (threads or torch.get_num_threads()) <= 1 else "gather"
+
+
 class SharedExclusiveLock:
     """Many routed forwards at once (shared), or one pool-tensor replacement alone (exclusive). A waiting
     exclusive holder goes first: under steady load, overlapping forwards would otherwise never all be out."""

@@ -25,7 +25,7 @@ from service.modeling.backbone import Backbone
 from service.modeling.batch_plan import BatchPlan, Segment, plan_batch
 from service.modeling.encoding import EncodedRow, Encoder
 from service.modeling.packed import Packing, packed_forward
-from service.modeling.slot_pool import NO_ADAPTER, Strategy, install_slot_pool
+from service.modeling.slot_pool import NO_ADAPTER, Strategy, default_strategy, install_slot_pool
 from service.runtime.cache import AdapterCache, CacheEntry
 from service.runtime.host_cache import HostBundleCache
 
@@ -89,21 +89,6 @@ class RowResult:
     prediction: dict[str, Any] | None = None
     error: BaseException | None = None
     logits: torch.Tensor | None = None  # float32 CPU, kept only when asked (tests, evaluation)
-
-
-def default_strategy(device: torch.device, threads: int | None = None,
-                     dtype: torch.dtype = torch.float32) -> Strategy:
-    """The faster way to mix tasks in one forward, as measured by bench/engine.py (docs/benchmarks.md).
-
-    CUDA: one gather of each task's (packed) or row's (padded) weights + batched matmul (few kernel
-    launches). CPU in bfloat16: gather + batched matmul too (small bfloat16 matmuls have a high fixed cost
-    each). CPU in float32 with one intra-op thread per forward (the server's default on small machines: 2
-    workers x 1 thread): per-task segment matmuls on the real tokens only. CPU with more threads per forward:
-    gather + bmm, because small per-task matmuls split badly across threads while a batched matmul hands
-    whole rows to each thread."""
-    if device.type == "cuda" or dtype is torch.bfloat16:
-        return "gather"
-    return "segment" if (threads or torch.get_num_threads()) <= 1 else "gather"
 
 
 def filler_rows(tokens: int, longest: int) -> list[int]:

@@ -11,7 +11,8 @@ from service.bundles.manifest import AdapterConfig, HeadType
 from service.errors import TaskNotFound, VersionNotFound
 from service.modeling.backbone import load_backbone
 from service.modeling.bottleneck import adapter_tensors, attach_adapters
-from service.runtime.engine import Engine, RowRequest, default_strategy
+from service.modeling.slot_pool import default_strategy
+from service.runtime.engine import Engine, RowRequest
 from tests.conftest import make_manifest
 from tests.synthetic import random_tensors
 

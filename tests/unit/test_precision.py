@@ -140,3 +140,20 @@ def test_int8_is_gated_where_its_recipe_is_recorded(monkeypatch, name, flags, ga
 
     monkeypatch.setattr(backbone, "cpu_flags", lambda: frozenset(flags))
     assert backbone.int8_gated(name) is gated
+
+
+@pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8"])
+def test_the_probe_layer_runs_a_mixed_batch_s_adapters_as_the_engine_would(mode):
+    """The probes time the traffic the service serves: every token through its task's adapter at both insertion
+    points, by the strategy an engine picks for the mode (`default_strategy`)."""
+    from service.modeling.precision import _ProbeLayer
+    from service.modeling.slot_pool import default_strategy
+
+    layer = _ProbeLayer(48, mode, rows=8, tokens=4, heads=4, tasks=4)
+    assert len(layer.routing.specs) == 4 and len(layer.routing.segments) == 4
+    assert layer.routing.strategy == default_strategy(CPU, dtype=layer.dtype)
+    assert layer.pool.dtype is layer.dtype
+    with_adapters = layer()
+    for t in (layer.pool.up_w, layer.pool.up_b):  # zero adapters: the plain layer
+        t.zero_()
+    assert with_adapters.shape == (32, 48) and not torch.equal(with_adapters, layer())
