@@ -53,7 +53,7 @@ from service.modeling.backbone import int8_gated, load_backbone, pick_device, re
 from service.modeling.precision import choose_precision
 from service.runtime.engine import Engine, RowRequest
 from service.runtime.runtime import forward_parallelism
-from service.settings import DEFAULT_BACKBONE, ServiceSettings
+from service.settings import ServiceSettings
 
 BASELINE = "float32_padded_backbone_only"
 
@@ -145,7 +145,6 @@ def main() -> None:
     allocator_tuned = keep_freed_memory() if args.keep_freed_memory else False
     cpu = device.type == "cpu"
     precisions = (args.precisions or ("float32,bfloat16,int8" if cpu else "float32,float16,bfloat16")).split(",")
-    auto = choose_precision("auto", device, int8_gated=int8_gated(DEFAULT_BACKBONE))
 
     root = Path(tempfile.mkdtemp(prefix="bench-store-"))
     engines: dict[str, Engine] = {}
@@ -153,6 +152,7 @@ def main() -> None:
     for prec in precisions:
         backbone = load_backbone(device=str(device), dtype=prec)
         if not names:
+            auto = choose_precision("auto", device, int8_gated=int8_gated(backbone.ref.fingerprint))
             names = random_task_store(root, backbone.ref, args.tasks, args.bottleneck, args.placement)
             lora_names = random_lora_tasks(root, backbone.ref, args.lora_tasks) if args.lora_tasks else []
         for packing in ("off", "on"):

@@ -188,17 +188,21 @@ def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-INT8_GATED_BACKBONES: frozenset[str] = frozenset({DEFAULT_BACKBONE})
+INT8_GATED_BACKBONES: dict[str, str] = {
+    "263a77e024b9f205440e3cf49e506ec46b1f9d43f74fde755b62ace31f185c8d": f"all-MiniLM-L6-v2 ({DEFAULT_BACKBONE})",
+}
 """Backbones whose int8 accuracy (`service.modeling.smoothing`) is recorded within the gate on the shipped tasks
-(docs/accuracy.md): the only ones `auto` may run in int8, where `int8_gated` finds the recipe recorded."""
+(docs/accuracy.md), by `fingerprint` (accuracy belongs to the weights, not to the name they are loaded by), with
+what they are: the only ones `auto` may run in int8, where `int8_gated` finds the recipe recorded."""
 
 
-def int8_gated(name: str) -> bool:
-    """`auto` may run backbone `name` in int8 on this machine: it is in `INT8_GATED_BACKBONES` and this CPU runs
-    a recipe whose accuracy is recorded within the gate (docs/accuracy.md): 8-bit activations where the CPU has
-    AVX512-VNNI, with either feed-forward output dtype; elsewhere 7-bit activations, recorded with the
-    feed-forward output in float32 only, so only on CPUs without bfloat16 instructions (the ones that run it)."""
-    if name not in INT8_GATED_BACKBONES:
+def int8_gated(fingerprint: str) -> bool:
+    """`auto` may run the backbone of this `fingerprint` in int8 on this machine: it is in `INT8_GATED_BACKBONES`
+    and this CPU runs a recipe whose accuracy is recorded within the gate (docs/accuracy.md): 8-bit activations
+    where the CPU has AVX512-VNNI, with either feed-forward output dtype; elsewhere 7-bit activations, recorded
+    with the feed-forward output in float32 only, so only on CPUs without bfloat16 instructions (the ones that
+    run it)."""
+    if fingerprint not in INT8_GATED_BACKBONES:
         return False
     flags = cpu_flags()
     return full_range_activations(flags) or native_bf16_cpu(flags) is None
@@ -253,7 +257,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "auto", dtype: str
     fp = fingerprint(model)
     dev = pick_device(device)
     try:
-        precision = choose_precision(dtype, dev, int8_gated=int8_gated(name))
+        precision = choose_precision(dtype, dev, int8_gated=int8_gated(fp))
     except ValueError as exc:
         raise BackboneLoadError(str(exc)) from None
     model.eval().requires_grad_(False)

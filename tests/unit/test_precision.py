@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from service.modeling.backbone import INT8_GATED_BACKBONES
 from service.modeling.precision import (
     attention_f32_speedup,
     bf16_speedup,
@@ -121,25 +122,41 @@ def test_int8_asked_for_holds_its_feed_forward_output_in_bfloat16_only_where_tha
     assert (p.mode, p.dtype, p.int8_ffn_out_dtype) == ("int8", torch.float32, ffn_out)
 
 
+MINILM = next(iter(INT8_GATED_BACKBONES))
+
+
 @pytest.mark.parametrize("name, flags, gated", [
     # 8-bit activations (AVX512-VNNI): recorded within the gate with either feed-forward output dtype
-    (DEFAULT_BACKBONE, {"avx2", "avx512f", "avx512_vnni"}, True),
-    (DEFAULT_BACKBONE, {"avx512_vnni", "avx512_bf16", "amx_bf16"}, True),
+    (MINILM, {"avx2", "avx512f", "avx512_vnni"}, True),
+    (MINILM, {"avx512_vnni", "avx512_bf16", "amx_bf16"}, True),
     # 7-bit activations (no AVX512-VNNI): recorded with the feed-forward output in float32, which a CPU
     # without bfloat16 instructions runs (docs/accuracy.md, session 12: a Zen 3)
-    (DEFAULT_BACKBONE, {"avx2", "fma"}, True),
-    (DEFAULT_BACKBONE, {"avx2", "avx_vnni"}, True),
+    (MINILM, {"avx2", "fma"}, True),
+    (MINILM, {"avx2", "avx_vnni"}, True),
     # 7-bit with a bfloat16 feed-forward output: never recorded
-    (DEFAULT_BACKBONE, {"avx2", "avx512_bf16"}, False),
+    (MINILM, {"avx2", "avx512_bf16"}, False),
     # a backbone whose int8 accuracy is not recorded: never, whatever the CPU
-    ("bert-base-uncased", {"avx512_vnni"}, False),
-    ("/models/my-encoder", {"avx2"}, False),
+    ("0" * 64, {"avx512_vnni"}, False),
+    (DEFAULT_BACKBONE, {"avx512_vnni"}, False),  # a name is not a fingerprint: the weights are what was scored
 ])
 def test_int8_is_gated_where_its_recipe_is_recorded(monkeypatch, name, flags, gated):
     from service.modeling import backbone
 
     monkeypatch.setattr(backbone, "cpu_flags", lambda: frozenset(flags))
     assert backbone.int8_gated(name) is gated
+
+
+def test_the_gated_fingerprint_is_the_backbone_the_shipped_tasks_were_trained_on():
+    """The gate was scored on the shipped tasks, whose bundles name the backbone they were trained on."""
+    from service.bundles.store import LocalAdapterStore
+    from tests.conftest import REPO
+
+    store = LocalAdapterStore(REPO / "adapters_store")
+    tasks = store.list_tasks()
+    assert len(tasks) == 6
+    for task in tasks:
+        info = store.get_info(task, store.get_active(task))
+        assert info.manifest.backbone.fingerprint in INT8_GATED_BACKBONES, task
 
 
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8"])
