@@ -133,6 +133,7 @@ class Routing:
     # Packed gather: the adapter segments' tokens cut into k pieces (`batch_plan.gather_pieces`) laid out as
     # [k, L] (padded with token 0, never read back)
     segment_slots: torch.Tensor | None = None  # [k] long: slot of each piece
+    piece_activations: tuple[Activation | None, ...] = ()  # the activation of each piece (None: a filler), host-side
     segment_tokens: torch.Tensor | None = None  # [k * L] long: token of each place of the [k, L] layout
     real_places: torch.Tensor | None = None  # [n] long: the places of [k * L] that hold a real token
     real_tokens: torch.Tensor | None = None  # [n] long: the token at each of those places
@@ -385,6 +386,7 @@ class SlotPool:
         row_slots = torch.tensor([s.slot for s in segments for _ in range(s.stop - s.start)], dtype=torch.long)
         bounds = tuple((offsets[s.start], offsets[s.stop]) for s in segments)
         gather: dict[str, torch.Tensor] = {}
+        activations: tuple[Activation | None, ...] = ()
         round_k, round_L = (4, 16) if bucket_shapes else (1, 1)
         pieces = [] if strategy != "gather" else gather_pieces(
             [Piece(s.slot, a, b) for s, (a, b) in zip(segments, bounds) if s.slot in specs],
@@ -398,13 +400,14 @@ class SlotPool:
                 places[i, : p.stop - p.start] = torch.arange(p.start, p.stop)
             real = torch.tensor([i * L + t for i, p in enumerate(pieces) for t in range(p.stop - p.start)])
             seg_slots = [p.slot for p in pieces] + [NO_ADAPTER] * (k - len(pieces))
+            activations = tuple(specs[slot].activation if slot in specs else None for slot in seg_slots)
             gather = {"segment_slots": torch.tensor(seg_slots), "segment_tokens": places.view(-1), "real_places": real,
                       "real_tokens": torch.cat([torch.arange(p.start, p.stop) for p in pieces])}
         token_slots = F.pad(slots.repeat_interleave(counts), (0, pad), value=NO_ADAPTER).to(self.device)
         return Routing(tuple(segments), row_slots.to(self.device), specs, strategy, None, bounds, packed=True,
                        lora_slots=lora, normed_slots=normed, separate_slots=separate, token_slots=token_slots,
                        lora_span=_span([b for s, b in zip(segments, bounds) if s.slot in lora]),
-                       **{k: v.to(self.device) for k, v in gather.items()},
+                       piece_activations=activations, **{k: v.to(self.device) for k, v in gather.items()},
                        **self._lora_columns(lora, strategy))
 
     def _lora_columns(self, lora: frozenset[int], strategy: Strategy) -> dict[str, torch.Tensor]:
@@ -491,7 +494,7 @@ class SlotPool:
             k, d = idx.shape[0], h.shape[1]
             xs = h.index_select(0, r.segment_tokens).view(k, -1, d)  # [k, L, d]
             z = torch.baddbmm(self.down_b[p].index_select(0, idx).unsqueeze(1), xs, self.down_w[p].index_select(0, idx))
-            z = self._activate_segments(z, idx, r)
+            z = self._activate_segments(z, r)
             y = torch.baddbmm(self.up_b[p].index_select(0, idx).unsqueeze(1), z, self.up_w[p].index_select(0, idx))
             return h.index_add_(0, r.real_tokens, y.view(-1, d).index_select(0, r.real_places))
         todo = []
@@ -531,9 +534,11 @@ class SlotPool:
                 z[seg.start : seg.stop] = ACTIVATIONS[spec.activation](z[seg.start : seg.stop])
         return z
 
-    def _activate_segments(self, z: torch.Tensor, segment_slots: torch.Tensor, r: Routing) -> torch.Tensor:
-        """z [k, L, m] of a packed gather: each piece's activation (one call when the tasks agree)."""
-        acts = [r.specs[slot].activation if slot in r.specs else None for slot in segment_slots.tolist()]
+    @staticmethod
+    def _activate_segments(z: torch.Tensor, r: Routing) -> torch.Tensor:
+        """z [k, L, m] of a packed gather: each piece's activation (one call when the tasks agree), as the routing
+        lists them host-side (reading the device's piece slots back would wait for the GPU at every layer)."""
+        acts = r.piece_activations
         if len(set(acts) - {None}) == 1:  # filler segments (None) are never read: any activation will do
             return ACTIVATIONS[next(a for a in acts if a is not None)](z)
         for i, act in enumerate(acts):
