@@ -54,3 +54,52 @@ def test_a_device_evicted_task_reloads_without_the_store(tiny_backbone, store):
     assert first == again
     assert engine.cache.stats.evictions >= 4  # one slot: every switch evicted
     assert sorted(reads) == [("t0", 1), ("t1", 1), ("t2", 1)]  # each read from the store once
+
+
+def test_one_load_per_key_at_a_time(tiny_backbone):
+    """Threads asking for a key that is being loaded wait for that load (and share its outcome) instead of
+    reading the store again; a failed load fails its waiters and leaves nothing behind."""
+    import threading
+    import time
+
+    bundle = make_bundle(make_manifest(tiny_backbone.ref, task="t0"), seed=0)
+    started, release = threading.Event(), threading.Event()
+    loads: list[tuple[str, int]] = []
+
+    def load(task, version):
+        loads.append((task, version))
+        started.set()
+        assert release.wait(10)
+        if task == "bad":
+            raise OSError("store unreachable")
+        return decode_bundle(bundle, backbone=tiny_backbone.ref, max_bytes=1 << 30)
+
+    cache = HostBundleCache(load, max_bytes=1 << 30)
+    for task in ("t0", "bad"):
+        misses = cache.misses
+        started.clear()
+        release.clear()
+        got: list[object] = []
+
+        def ask(task=task, got=got):
+            try:
+                got.append(cache.get(task, 1))
+            except OSError as exc:
+                got.append(exc)
+
+        threads = [threading.Thread(target=ask) for _ in range(3)]
+        threads[0].start()
+        assert started.wait(10)
+        for t in threads[1:]:
+            t.start()
+        while cache.misses < misses + 3:  # every asker is past the lock, waiting for the one load
+            time.sleep(0.001)
+        assert cache.holds(task, 1)  # being loaded
+        release.set()
+        for t in threads:
+            t.join(10)
+        assert len(got) == 3 and loads.count((task, 1)) == 1
+        if task == "t0":
+            assert got[0] is got[1] is got[2] and cache.holds("t0", 1)
+        else:
+            assert all(isinstance(g, OSError) for g in got) and not cache.holds("bad", 1)
