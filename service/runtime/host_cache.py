@@ -4,8 +4,7 @@ The device cache holds few tasks when its budget is small; a task evicted there 
 later would otherwise be read from the store and decoded and validated again (file read, safetensors
 parse, every tensor's shape and NaN/Inf check) on the forward worker's time. Keys are `task@version`, which
 are immutable (a new upload is a new version), so an entry is never stale; it is bounded by the bytes of
-its tensors, least recently used first out. One load per key at a time: a caller asking for a key that is
-being loaded (by a prefetch, `Engine.prefetch`, or another forward) waits for that load instead of repeating it.
+its tensors, least recently used first out.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
 
 from service.bundles.codec import Bundle
 
@@ -26,7 +24,6 @@ class HostBundleCache:
     def __init__(self, load: Callable[[str, int], Bundle], max_bytes: int):
         self._load, self.max_bytes = load, max_bytes
         self._entries: OrderedDict[Key, tuple[Bundle, int]] = OrderedDict()
-        self._loading: dict[Key, Future[Bundle]] = {}  # keys being loaded -> the load's outcome
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -40,31 +37,9 @@ class HostBundleCache:
                 self.hits += 1
                 return got[0]
             self.misses += 1
-            pending = self._loading.get(key)
-            if pending is None:
-                pending = self._loading[key] = Future()
-                owner = True
-            else:
-                owner = False
-        if not owner:
-            return pending.result()  # the other load's bundle, or its exception
-        try:
-            bundle = self._load(task, version)  # outside the lock: loads of different keys run in parallel
-            self.put(key, bundle)
-        except BaseException as exc:
-            pending.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                del self._loading[key]
-        pending.set_result(bundle)
+        bundle = self._load(task, version)  # outside the lock: loads of different keys run in parallel
+        self.put(key, bundle)
         return bundle
-
-    def holds(self, task: str, version: int) -> bool:
-        """Whether `task@version` is in memory or being loaded."""
-        key = (task, version)
-        with self._lock:
-            return key in self._entries or key in self._loading
 
     def put(self, key: Key, bundle: Bundle) -> None:
         nbytes = sum(t.numel() * t.element_size() for t in bundle.tensors.values())
