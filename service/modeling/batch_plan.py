@@ -1,7 +1,7 @@
 """Batch planning, as pure functions: which rows go together and in what order.
 
 `plan_batch` sorts one batch's rows by slot so that every task is one contiguous segment (LoRAX
-`segments.py`); `pack_batches` cuts a queue of rows into batches under a row and padded-token budget,
+`segments.py`), LoRA tasks last; `pack_batches` cuts a queue of rows into batches under a row and padded-token budget,
 grouping rows of similar length to limit padding; `admit_rows` keeps out of a batch the rows whose tasks
 would not fit the device cache beside what running batches hold (S-LoRA / vLLM `max_loras` admission);
 `gather_pieces` cuts a packed batch's task segments into the pieces of a gathered `[k, L]` layout.

@@ -132,8 +132,8 @@ class LoraPool:
             if target not in self.targets.get(seg.slot, ()):
                 continue
             if r.packed:
-                a, b = r.packed_bounds[i]
-                y[a:b].addmm_(x[a:b] @ A_l[seg.slot], B_l[seg.slot])
+                lo, hi = r.packed_bounds[i]
+                y[lo:hi].addmm_(x[lo:hi] @ A_l[seg.slot], B_l[seg.slot])
             else:
                 rows = slice(seg.start, seg.stop)
                 xs = x[rows].reshape(-1, x.shape[-1])

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,6 +67,14 @@ class Precision:
     @property
     def quantized(self) -> bool:
         return self.mode == "int8"
+
+    def padded(self) -> Precision:
+        """This mode as padded forwards run it: their attention is the model's own (Hugging Face's), in `dtype`,
+        whatever `attention_dtype` says for packed ones."""
+        if self.attention_dtype is None:
+            return self
+        name = str(self.dtype).removeprefix("torch.")
+        return replace(self, attention_dtype=None, reason=f"{self.reason}; padded forwards: attention in {name}")
 
 
 @functools.cache
@@ -157,6 +165,8 @@ def _probe_adapters(hidden: int, dtype: torch.dtype, rows: int, tokens: int, tas
     for slot in range(1, tasks + 1):
         pool.write(slot, cfg, {adapter_key(0, point, part): 0.02 * torch.randn(shape, generator=g)
                                for point in cfg.points for part, shape in shapes.items()})
+    if rows % tasks:
+        raise ValueError(f"{rows} rows do not split evenly among {tasks} tasks")
     per = rows // tasks
     segments = [Segment(slot, (slot - 1) * per, slot * per) for slot in range(1, tasks + 1)]
     routing = pool.routing_packed(segments, [row * tokens for row in range(rows + 1)],

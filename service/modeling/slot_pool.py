@@ -146,7 +146,8 @@ class Routing:
     adapter_row_slots: torch.Tensor | None = None  # padded gather: row_slots with separate slots as 0 (None: same)
     # Packed gather with LoRA tasks (see `LoraPool.apply`): the batch's LoRA slots, whose rank columns are stacked
     lora_select: torch.Tensor | None = None
-    lora_mask: torch.Tensor | None = None  # [N, n * rank capacity]: each token's own slot's columns (set by `route`)
+    lora_mask: torch.Tensor | None = None  # [b - a, n * rank capacity] over `lora_span`'s tokens: each one's own slot's
+    # columns (set by `route`)
 
     @property
     def any_adapter(self) -> bool:

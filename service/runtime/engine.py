@@ -94,6 +94,8 @@ class RowResult:
 def filler_rows(tokens: int, longest: int) -> list[int]:
     """The lengths of the filler rows that hold `tokens` pad tokens, none longer than `longest` (the batch's
     longest row): attention pads every row to the longest, so one long filler row would lengthen them all."""
+    if tokens <= 0:
+        return []
     return [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
 
 
@@ -125,6 +127,8 @@ class Engine:
         if packing not in ("auto", "on", "off"):
             raise ValueError(f"unknown packing mode {packing!r}")
         self.packed = packing != "off" and backbone.packable
+        if not self.packed:  # what the mode says of packed forwards' attention does not apply (log, /readyz)
+            backbone.precision = backbone.precision.padded()
         # Packed bfloat16 forwards on CPU pad their token count to a multiple of 64 (and the adapters' gather
         # layout to buckets): PyTorch's oneDNN bfloat16 matmuls compile a kernel and keep memory for every
         # distinct shape, and token counts would otherwise make new shapes in nearly every batch (measured in

@@ -108,7 +108,7 @@ def test_the_bfloat16_flag_is_read_from_the_cpu_flags():
 ])
 def test_auto_takes_the_fastest_mode_that_qualifies(bf16_flag, bf16_gain, int8_gain, mode, ffn_out):
     p = choose_precision("auto", CPU, cpu_bf16=bf16_flag, cpu_bf16_speedup=bf16_gain, int8_gated=True,
-                         cpu_int8_speedup=int8_gain)
+                         cpu_int8_speedup=int8_gain, cpu_attention_speedup=1.0)
     assert p.mode == mode
     if ffn_out is not None:
         assert p.int8_ffn_out_dtype is ffn_out
@@ -118,7 +118,7 @@ def test_auto_takes_the_fastest_mode_that_qualifies(bf16_flag, bf16_gain, int8_g
     ("avx512_bf16", 2.2, torch.bfloat16), ("avx512_bf16", 0.53, torch.float32), ("", None, torch.float32)])
 def test_int8_asked_for_holds_its_feed_forward_output_in_bfloat16_only_where_that_is_fast(bf16_flag, bf16_gain,
                                                                                            ffn_out):
-    p = choose_precision("int8", CPU, cpu_bf16=bf16_flag, cpu_bf16_speedup=bf16_gain)
+    p = choose_precision("int8", CPU, cpu_bf16=bf16_flag, cpu_bf16_speedup=bf16_gain, cpu_attention_speedup=1.0)
     assert (p.mode, p.dtype, p.int8_ffn_out_dtype) == ("int8", torch.float32, ffn_out)
 
 
@@ -168,9 +168,13 @@ def test_the_probe_layer_runs_a_mixed_batch_s_adapters_as_the_engine_would(mode)
 
     layer = _ProbeLayer(48, mode, rows=8, tokens=4, heads=4, tasks=4)
     assert len(layer.routing.specs) == 4 and len(layer.routing.segments) == 4
-    assert layer.routing.strategy == default_strategy(CPU, dtype=layer.dtype)
+    one_thread = torch.get_num_threads() == 1
+    assert layer.routing.strategy == ("segment" if mode != "bfloat16" and one_thread else "gather")
+    assert layer.routing.strategy == default_strategy(CPU, dtype=layer.dtype)  # what an engine would pick
     assert layer.pool.dtype is layer.dtype
     with_adapters = layer()
     for t in (layer.pool.up_w, layer.pool.up_b):  # zero adapters: the plain layer
         t.zero_()
     assert with_adapters.shape == (32, 48) and not torch.equal(with_adapters, layer())
+    with pytest.raises(ValueError, match="evenly"):
+        _ProbeLayer(48, mode, rows=8, tokens=4, heads=4, tasks=3)
