@@ -133,19 +133,26 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return out.to(q.dtype)
 
 
-def attention_f32_speedup(reps: int = 15, rows: int = 32, tokens: int = 32, heads: int = 12, head_dim: int = 32) -> float:
-    """bfloat16 time / float32 time of the attention of a packed bfloat16 batch (its padded view: `rows` rows of
-    8..`tokens` tokens, a key mask, `heads` heads of `head_dim`), the float32 one including the casts of query,
-    key and value up and of the result back (`_speed_ratio`; a few milliseconds). Above 1 where this CPU's
-    float32 attention kernel is the faster: PyTorch's CPU flash attention ran 1.7x slower in bfloat16 than in
-    float32 on a Zen 5 (docs/benchmarks.md, session 13)."""
+def attention_f32_speedup(reps: int = 11, rows: int = 32, tokens: tuple[int, ...] = (24, 33, 48), heads: int = 12,
+                          head_dim: int = 32) -> float:
+    """bfloat16 time / float32 time of the attention of packed bfloat16 batches (their padded views: `rows` rows of
+    8..T tokens, a key mask, `heads` heads of `head_dim`), one batch for each longest row T of `tokens` in every
+    timed call, the float32 one including the casts of query, key and value up and of the result back
+    (`_speed_ratio`; a few tens of milliseconds). Above 1 where this CPU's float32 attention kernel is the faster:
+    PyTorch's CPU flash attention ran up to 1.8x slower in bfloat16 than in float32 on a Zen 5, by how long the
+    batch's longest row is (docs/benchmarks.md, session 13): several lengths, so that no one length's luck decides."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(rows, heads, tokens, head_dim, generator=g).to(torch.bfloat16) for _ in range(3))
-    lengths = torch.randint(8, tokens + 1, (rows,), generator=g)
-    mask = (torch.arange(tokens)[None, :] < lengths[:, None]).view(rows, 1, 1, tokens)
+    batches = []
+    for longest in tokens:
+        q, k, v = (torch.randn(rows, heads, longest, head_dim, generator=g).to(torch.bfloat16) for _ in range(3))
+        lengths = torch.randint(min(8, longest), longest + 1, (rows,), generator=g)
+        batches.append((q, k, v, (torch.arange(longest)[None, :] < lengths[:, None]).view(rows, 1, 1, longest)))
+
+    def run(dtype: torch.dtype | None) -> Callable[[], object]:
+        return lambda: [_attention(q, k, v, mask, dtype) for q, k, v, mask in batches]
+
     with torch.inference_mode():
-        return _speed_ratio(lambda: _attention(q, k, v, mask, None), lambda: _attention(q, k, v, mask, torch.float32),
-                            reps)
+        return _speed_ratio(run(None), run(torch.float32), reps)
 
 
 def _probe_adapters(hidden: int, dtype: torch.dtype, rows: int, tokens: int, tasks: int) -> tuple[SlotPool, Routing]:
