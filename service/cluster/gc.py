@@ -16,9 +16,13 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from service.cluster.object_refs import CLAIM_S
 from service.cluster.s3_store import S3RedisAdapterStore
 
 log = logging.getLogger(__name__)
+
+CLAIM_MARGIN_S = 10.0
+"""How much longer than the bucket's longest call (`S3Bucket.longest_call_s`) a collector holds its claim."""
 
 
 @dataclass
@@ -37,6 +41,8 @@ def collect_garbage(store: S3RedisAdapterStore, *, grace_s: float, now: datetime
     """Delete the store's unreferenced objects older than `grace_s`; StoreUnavailable if Redis or the bucket fail."""
     report = GcReport()
     now = now or datetime.now(timezone.utc)
+    # each claim outlasts the longest a delete can take, so no writer waiting on it writes before the delete ends
+    hold_s = max(CLAIM_S, store.bucket.longest_call_s + CLAIM_MARGIN_S)
     store.refs.purge_expired()
     named = store.refs.referenced()  # a first filter; the claim below is what decides
     for obj in store.bucket.list():
@@ -44,11 +50,14 @@ def collect_garbage(store: S3RedisAdapterStore, *, grace_s: float, now: datetime
             report.referenced += 1
         elif (now - obj.last_modified).total_seconds() < grace_s:
             report.young += 1
-        elif not store.refs.claim(obj.key):
+        elif not store.refs.claim(obj.key, hold_s=hold_s):
             report.referenced += 1
         else:
             try:
                 store.bucket.delete(obj.key)
+                if not store.refs.holds_claim(obj.key):  # cannot happen while hold_s bounds the delete
+                    log.error("gc: the claim on %s lapsed before its delete returned; an upload of the same bytes "
+                              "in that moment may have lost its object", obj.key)
             finally:
                 store.refs.release(obj.key)
             report.deleted.append(obj.key)

@@ -81,7 +81,7 @@ return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 """
 
 RESERVATION_S = 600.0  # longer than any upload takes from object write to registry write
-CLAIM_S = 30.0  # longer than one object delete takes (S3 timeouts are seconds)
+CLAIM_S = 30.0  # the least a claim is held; the collector holds it longer where the bucket's calls may last longer
 
 
 class ObjectRefs:
@@ -109,11 +109,19 @@ class ObjectRefs:
                 raise StoreUnavailable(f"object {key} is being garbage-collected and was not released in {wait_s:g}s")
             time.sleep(0.02)
 
-    def claim(self, key: str) -> bool:
-        """True when `key` is named by no entry and no reservation: the caller may delete it, then `release`."""
+    def claim(self, key: str, *, hold_s: float = CLAIM_S) -> bool:
+        """True when `key` is named by no entry and no reservation: the caller may delete it, then `release`. The
+        claim lapses by itself after `hold_s` (a collector that dies does not block writers for ever), so it must
+        outlast the delete: a writer waiting on it would otherwise write the object while the delete is still
+        on its way, and lose it."""
         with redis_errors():
             return bool(self._claim(keys=[self.objects_key, self.pending_key, self._marker(key), self.counts_key],
-                                    args=[key, int(CLAIM_S * 1000)]))
+                                    args=[key, int(hold_s * 1000)]))
+
+    def holds_claim(self, key: str) -> bool:
+        """Whether a claim on `key` is still in force (not released and not lapsed)."""
+        with redis_errors():
+            return bool(self.client.exists(self._marker(key)))
 
     def release(self, key: str) -> None:
         with redis_errors():

@@ -54,6 +54,12 @@ class StoredObject:
     last_modified: datetime
 
 
+ATTEMPTS = 2
+"""Tries of each S3 call (botocore's `max_attempts`: the first and one retry)."""
+RETRY_WAIT_S = 20.0
+"""The longest botocore's standard retry mode waits before a retry (its backoff cap)."""
+
+
 class S3Bucket:
     """A bucket (and key prefix) on an S3-compatible endpoint. Thread-safe: boto3 clients are."""
 
@@ -68,7 +74,7 @@ class S3Bucket:
         self.timeout_s = timeout_s
         config = Config(
             region_name=region, connect_timeout=timeout_s, read_timeout=timeout_s, max_pool_connections=max_connections,
-            retries={"max_attempts": 2, "mode": "standard"},  # one quick retry; more would only delay the 503
+            retries={"max_attempts": ATTEMPTS, "mode": "standard"},  # one quick retry; more would only delay the 503
             s3={"addressing_style": "path"},  # MinIO, SeaweedFS and plain hostnames need path-style
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
         )
@@ -92,6 +98,12 @@ class S3Bucket:
             access_key_id=key.get_secret_value() if key else None,
             secret_access_key=secret.get_secret_value() if secret else None,
         )
+
+    @property
+    def longest_call_s(self) -> float:
+        """An upper bound of one call's duration: every attempt's connect and read timeouts and the waits between
+        them (what a garbage collector's claim must outlast, `service.cluster.gc`)."""
+        return ATTEMPTS * 2 * self.timeout_s + (ATTEMPTS - 1) * RETRY_WAIT_S
 
     def __repr__(self) -> str:  # never the credentials
         return f"S3Bucket(endpoint={self.endpoint!r}, bucket={self.bucket!r}, prefix={self.prefix!r})"

@@ -148,6 +148,27 @@ def test_a_collector_holding_a_key_makes_a_writer_of_the_same_bytes_wait(s3_stor
     assert not s3_store.refs.claim(key)  # named again: no collector may take it
 
 
+def test_a_collector_holds_its_claim_longer_than_its_delete_can_take(s3_store, monkeypatch):
+    """The claim lapses by itself (a dead collector must not block writers for ever), so the collector holds it
+    for longer than the bucket's slowest call: a writer of the same bytes cannot write before the delete ends."""
+    info = s3_store.put("slow", bundle("slow", seed=5))
+    s3_store.delete_task("slow")
+    key = s3_store.bucket.key_for("slow", info.sha256)
+    monkeypatch.setattr(s3_store.bucket, "timeout_s", 60.0)  # a deployment with slow S3 calls
+    assert s3_store.bucket.longest_call_s >= 4 * 60.0
+    seen: list[int] = []
+    delete = s3_store.bucket.delete
+
+    def observed(k):  # the claim's time left while the delete runs
+        seen.append(int(s3_store.refs.client.pttl(s3_store.refs._marker(k))))
+        delete(k)
+
+    monkeypatch.setattr(s3_store.bucket, "delete", observed)
+    assert collect_garbage(s3_store, grace_s=0).deleted == [key]
+    assert len(seen) == 1 and seen[0] > s3_store.bucket.longest_call_s * 1000
+    assert not s3_store.refs.holds_claim(key)  # released after the delete
+
+
 def test_migrate_moves_redis_held_bytes_into_the_bucket_while_both_kinds_are_read(s3_store):
     redis_only = RedisAdapterStore(s3_store.url, key_prefix=s3_store.key_prefix)
     blobs = {(t, v): bundle(t, seed=v) for t in ("old-a", "old-b") for v in (1, 2)}
