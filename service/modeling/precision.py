@@ -124,32 +124,31 @@ def _speed_ratio(baseline: Callable[[], object], candidate: Callable[[], object]
     return sorted(ratios)[reps // 2]
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               dtype: torch.dtype | None) -> torch.Tensor:
-    """Scaled-dot-product attention of [B, H, T, dh] tensors, computed in `dtype` (None: theirs), returned in theirs."""
-    if dtype is None or dtype == q.dtype:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    out = torch.nn.functional.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask)
-    return out.to(q.dtype)
-
-
 def attention_f32_speedup(reps: int = 11, rows: int = 32, tokens: tuple[int, ...] = (24, 33, 48), heads: int = 12,
                           head_dim: int = 32) -> float:
-    """bfloat16 time / float32 time of the attention of packed bfloat16 batches (their padded views: `rows` rows of
-    8..T tokens, a key mask, `heads` heads of `head_dim`), one batch for each longest row T of `tokens` in every
-    timed call, the float32 one including the casts of query, key and value up and of the result back
-    (`_speed_ratio`; a few tens of milliseconds). Above 1 where this CPU's float32 attention kernel is the faster:
-    PyTorch's CPU flash attention ran up to 1.8x slower in bfloat16 than in float32 on a Zen 5, by how long the
-    batch's longest row is (docs/benchmarks.md, session 13): several lengths, so that no one length's luck decides."""
+    """bfloat16 time / float32 time of the attention of packed bfloat16 batches (`packed.packed_attention`, as packed
+    forwards run it: `rows` rows of 8..T tokens, `heads` heads of `head_dim`), one batch for each longest row T of
+    `tokens` in every timed call, the float32 one including the casts of query, key and value up and of the
+    result back (`_speed_ratio`; about 0.2 s on a 2-core VM). Above 1 where this CPU's float32 attention kernel
+    is the faster: PyTorch's CPU flash attention ran up to 1.8x slower in bfloat16 than in float32 on a Zen 5, by
+    how long the batch's longest row is (docs/benchmarks.md, session 13): several lengths, so that no one
+    length's luck decides."""
+    from service.modeling.packed import (  # packed imports backbone, which imports this
+        Packing,
+        packed_attention,
+    )
+
     g = torch.Generator().manual_seed(0)
     batches = []
     for longest in tokens:
-        q, k, v = (torch.randn(rows, heads, longest, head_dim, generator=g).to(torch.bfloat16) for _ in range(3))
         lengths = torch.randint(min(8, longest), longest + 1, (rows,), generator=g)
-        batches.append((q, k, v, (torch.arange(longest)[None, :] < lengths[:, None]).view(rows, 1, 1, longest)))
+        lengths[0] = longest
+        packing = Packing.of(lengths.tolist(), torch.device("cpu"))
+        q, k, v = (torch.randn(packing.tokens, heads * head_dim, generator=g).to(torch.bfloat16) for _ in range(3))
+        batches.append((q, k, v, packing))
 
     def run(dtype: torch.dtype | None) -> Callable[[], object]:
-        return lambda: [_attention(q, k, v, mask, dtype) for q, k, v, mask in batches]
+        return lambda: [packed_attention(q, k, v, heads, packing, dtype) for q, k, v, packing in batches]
 
     with torch.inference_mode():
         return _speed_ratio(run(None), run(torch.float32), reps)
@@ -194,12 +193,13 @@ class _ProbeLayer:
                  rows: int = 16, tokens: int = 32, heads: int = 12, attention_dtype: torch.dtype | None = None,
                  tasks: int = 8):
         from service.modeling.int8 import RECIPES, CastLinear, full_range_activations, int8_projections
+        from service.modeling.packed import Packing
 
         g = torch.Generator().manual_seed(0)
         recipe = RECIPES[ffn_out_dtype]
         self.dtype = torch.bfloat16 if mode == "bfloat16" else torch.float32
         self.heads, self.attention_dtype = heads, attention_dtype
-        self.rows, self.x = rows, torch.randn(rows * tokens, hidden, generator=g).to(self.dtype)  # packed
+        self.x = torch.randn(rows * tokens, hidden, generator=g).to(self.dtype)  # packed
         shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden)]
         linears = [torch.nn.Linear(n_in, n_out).eval().requires_grad_(False) for n_out, n_in in shapes]
         if mode == "int8":  # the five int8 projections grouped as the recipe smooths them, each group one input
@@ -218,20 +218,17 @@ class _ProbeLayer:
             self.proj = [linear.to(self.dtype) for linear in linears]
         self.norms = [torch.nn.LayerNorm(hidden, dtype=self.dtype).eval() for _ in range(2)]
         self.pool, self.routing = _probe_adapters(hidden, self.dtype, rows, tokens, tasks)
+        self.packing = Packing.of([tokens] * rows, torch.device("cpu"))
 
     def __call__(self) -> torch.Tensor:
+        from service.modeling.packed import packed_attention
+
         F = torch.nn.functional
         x, (q, k, v, o, inner, outer) = self.x, self.proj
-        N, d = x.shape
-        B, T, H = self.rows, N // self.rows, self.heads
-
-        def split(t: torch.Tensor) -> torch.Tensor:  # [N, d] -> [B, H, T, d / H]
-            return t.view(B, T, H, d // H).transpose(1, 2)
-
         pool, r = self.pool, self.routing
         with torch.inference_mode(), pool.route(r):
-            ctx = _attention(split(q(x)), split(k(x)), split(v(x)), None, self.attention_dtype)
-            h = self.norms[0](pool.apply_adapters(0, o(ctx.transpose(1, 2).reshape(N, d)), r) + x)
+            ctx = packed_attention(q(x), k(x), v(x), self.heads, self.packing, self.attention_dtype)
+            h = self.norms[0](pool.apply_adapters(0, o(ctx), r) + x)
             out: torch.Tensor = self.norms[1](pool.apply_adapters(1, outer(F.gelu(inner(h))), r) + h)
             return out
 
@@ -281,7 +278,7 @@ def choose_precision(requested: str, device: torch.device, *, cpu_bf16: str | No
     if requested == "int8" and not cpu:
         raise ValueError("int8 (dynamic quantisation) runs on CPU only; use float16 or bfloat16 on CUDA")
     if requested == "int8":
-        _, speedup = _bf16_probe(cpu_bf16, cpu_bf16_speedup, None)
+        speedup = _bf16_probe(_bf16_flag(cpu_bf16), cpu_bf16_speedup, None)
         return _int8(speedup, "set by ADAPTER_SERVICE_DTYPE")
     if requested == "bfloat16" and cpu:
         return _bf16("set by ADAPTER_SERVICE_DTYPE", _attention_probe(cpu_attention_speedup))
@@ -305,14 +302,18 @@ def _bf16(reason: str, attention: tuple[torch.dtype | None, float]) -> Precision
                      attention_dtype=dtype)
 
 
-def _bf16_probe(cpu_bf16: str | None, cpu_bf16_speedup: float | None,
-                attention_dtype: torch.dtype | None) -> tuple[str | None, float | None]:
-    """The CPU's bfloat16 flag and, where it has one, bfloat16's measured speed-up (None without the flag), its
-    attention computed in `attention_dtype` (None: bfloat16)."""
-    flag = native_bf16_cpu() if cpu_bf16 is None else (cpu_bf16 or None)
+def _bf16_flag(cpu_bf16: str | None) -> str | None:
+    """The CPU's bfloat16 flag: `cpu_bf16` as passed in ("" for none), or read from the machine when None."""
+    return native_bf16_cpu() if cpu_bf16 is None else (cpu_bf16 or None)
+
+
+def _bf16_probe(flag: str | None, cpu_bf16_speedup: float | None,
+                attention_dtype: torch.dtype | None) -> float | None:
+    """bfloat16's measured speed-up where the CPU has the bfloat16 `flag` (None without it), its attention computed
+    in `attention_dtype` (None: bfloat16)."""
     if not flag:
-        return None, None
-    return flag, bf16_speedup(attention_dtype=attention_dtype) if cpu_bf16_speedup is None else cpu_bf16_speedup
+        return None
+    return bf16_speedup(attention_dtype=attention_dtype) if cpu_bf16_speedup is None else cpu_bf16_speedup
 
 
 def _ffn_out_dtype(bf16_gain: float | None) -> torch.dtype:
@@ -330,9 +331,9 @@ def _int8(bf16_gain: float | None, reason: str) -> Precision:
 def _auto_cpu(cpu_bf16: str | None, cpu_bf16_speedup: float | None, int8_gated: bool,
               cpu_int8_speedup: float | None, cpu_attention_speedup: float | None) -> Precision:
     """`auto` on CPU: the fastest of float32 and the candidates that qualify (see the module docstring)."""
-    has_flag = bool(native_bf16_cpu() if cpu_bf16 is None else cpu_bf16)
-    attention = _attention_probe(cpu_attention_speedup) if has_flag else (None, 1.0)
-    flag, speedup = _bf16_probe(cpu_bf16, cpu_bf16_speedup, attention[0])
+    flag = _bf16_flag(cpu_bf16)
+    attention = _attention_probe(cpu_attention_speedup) if flag else (None, 1.0)
+    speedup = _bf16_probe(flag, cpu_bf16_speedup, attention[0])
     candidates: dict[str, float] = {}
     notes = []
     if flag and speedup is not None:

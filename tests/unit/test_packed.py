@@ -222,15 +222,15 @@ def test_bfloat16_packed_batches_round_their_token_count_up(tiny_model_dirs, sto
     longest); the fillers get no adapter and change no real row."""
     import service.runtime.engine as engine_module
 
-    packings: list[tuple[int, ...]] = []
-    of = engine_module.Packing.of
-    monkeypatch.setattr(engine_module.Packing, "of",
-                        lambda lengths, device: packings.append(tuple(lengths)) or of(lengths, device))
     path = str(tiny_model_dirs["bert"])
     bf16 = Engine(load_backbone(path, device="cpu", dtype="bfloat16"), store, cache_max_slots=16, packing="on")
     assert bf16.token_bucket == 64
     assert Engine(load_backbone(path, device="cpu", dtype="float32"), store, packing="on").token_bucket == 1
     fill(store, bf16.backbone.ref)
+    packings: list[tuple[int, ...]] = []  # the batches' packings (after the backbone's load: its probes pack too)
+    of = engine_module.Packing.of
+    monkeypatch.setattr(engine_module.Packing, "of",
+                        lambda lengths, device: packings.append(tuple(lengths)) or of(lengths, device))
     seen: list[int] = []
     original = bf16.pool.routing_packed
 
